@@ -1,0 +1,131 @@
+"""Bind IDAdapter to a diffusers `UNet2DConditionModel` (the trainer's host and the parity reference).
+
+Duck-typed on diffusers' module layout, so importing it needs no diffusers. The adapter runs between
+self- and cross-attention of every `BasicTransformerBlock`: a pre-hook on the block keeps its input x,
+and a forward hook on `attn1` adds the adapter's residual to the self-attention output, so the block's
+own `x + attn1(...)` becomes `y + adapter_residual(y)`. The trained cross-attention K/V deltas are added
+through `torch.nn.utils.parametrize`, which keeps the original weights untouched. `detach()` removes
+everything and leaves the UNet exactly as it was.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .adapter import ReferenceKV, WeightDelta
+from .attention import AttentionFn, sdpa_attention
+from .errors import IncompatibleWeightsError
+from .model import IDAdapter
+from .presets import PRESETS, UNetLayout
+
+
+def transformer_blocks_in_forward_order(unet: nn.Module) -> list[nn.Module]:
+    """Every BasicTransformerBlock in the order the UNet runs them: down blocks, middle block, up blocks."""
+    stages = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    blocks = []
+    for stage in stages:
+        for transformer in getattr(stage, "attentions", None) or []:
+            blocks.extend(transformer.transformer_blocks)
+    return blocks
+
+
+def layout_from_diffusers_unet(unet: nn.Module, text_widths: dict[str, int] | None = None) -> UNetLayout:
+    """The UNet's layout; named after the preset it matches, else 'custom' with one text encoder ('l',
+    ComfyUI's key for SD1-style CLIP) as wide as the cross-attention context unless `text_widths` says otherwise."""
+    blocks = transformer_blocks_in_forward_order(unet)
+    if not blocks:
+        raise IncompatibleWeightsError("this UNet has no transformer blocks to attach IDAdapter to")
+    channels = tuple(block.attn1.to_q.in_features for block in blocks)
+    heads = tuple(block.attn1.heads for block in blocks)
+    context_dim = blocks[0].attn2.to_k.in_features
+    layout = UNetLayout("custom", channels, heads, context_dim, dict(text_widths or {"l": context_dim}))
+    matches = [preset for preset in PRESETS.values() if preset.same_shape_as(layout)]
+    if not matches:
+        return layout
+    prediction = getattr(getattr(unet, "config", None), "prediction_type", None)
+    return next((preset for preset in matches if preset.prediction == prediction), matches[0])
+
+
+class _AddWeightDelta(nn.Module):
+    def __init__(self, delta: WeightDelta) -> None:
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, weight):
+        return weight + self.delta.diff.to(weight.dtype)
+
+
+class DiffusersIDAdapter:
+    """Attach with `DiffusersIDAdapter(unet, adapter)` (or as a context manager); `set_identity(E_r)` before
+    each UNet call; `detach()` when done."""
+
+    def __init__(self, unet: nn.Module, adapter: IDAdapter, weight: float = 1.0, attention: AttentionFn = sdpa_attention) -> None:
+        self.unet = unet
+        self.adapter = adapter
+        self.weight = weight
+        self.attention = attention
+        self._blocks = transformer_blocks_in_forward_order(unet)
+        layout = layout_from_diffusers_unet(unet)
+        if not adapter.config.layout.same_shape_as(layout):
+            raise IncompatibleWeightsError(
+                f"these IDAdapter weights are for {adapter.config.layout.describe()}, but the UNet is {layout.describe()}"
+            )
+        for block in self._blocks:
+            if getattr(block, "norm_type", "layer_norm") not in ("layer_norm", "layer_norm_i2vgen"):
+                raise IncompatibleWeightsError(f"IDAdapter needs LayerNorm transformer blocks, found norm_type '{block.norm_type}'")
+        self._references: list[ReferenceKV] | None = None
+        self._block_inputs: dict[int, object] = {}
+        self._handles = []
+        self._attached = False
+        self.attach()
+
+    def attach(self) -> None:
+        if self._attached:
+            return
+        for index, block in enumerate(self._blocks):
+            self._handles.append(block.register_forward_pre_hook(self._keep_block_input(index), with_kwargs=True))
+            self._handles.append(block.attn1.register_forward_hook(self._add_adapter_residual(index)))
+        for block, kv in zip(self._blocks, self.adapter.cross_kv):
+            parametrize.register_parametrization(block.attn2.to_k, "weight", _AddWeightDelta(kv.to_k))
+            parametrize.register_parametrization(block.attn2.to_v, "weight", _AddWeightDelta(kv.to_v))
+        self._attached = True
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._attached and len(self.adapter.cross_kv):
+            for block in self._blocks:
+                parametrize.remove_parametrizations(block.attn2.to_k, "weight", leave_parametrized=False)
+                parametrize.remove_parametrizations(block.attn2.to_v, "weight", leave_parametrized=False)
+        self._references = None
+        self._block_inputs.clear()
+        self._attached = False
+
+    def set_identity(self, reference_tokens) -> None:
+        """E_r (B, T, D) for the following UNet calls; its per-block K/V are computed here, once."""
+        self._references = None if reference_tokens is None else self.adapter.reference_kv(reference_tokens)
+
+    def __enter__(self) -> "DiffusersIDAdapter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _keep_block_input(self, index: int):
+        def hook(module, args, kwargs):
+            self._block_inputs[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _add_adapter_residual(self, index: int):
+        def hook(module, args, output):
+            block_input = self._block_inputs.pop(index)
+            if self._references is None or self.weight == 0:
+                return output
+            after_self_attention = block_input + output
+            return output + self.adapter.blocks[index].residual(
+                after_self_attention, self._references[index], self.weight, self.attention
+            )
+
+        return hook

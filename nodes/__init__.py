@@ -1,0 +1,10 @@
+"""ComfyUI nodes of the pack (V3 schema). Thin: each node routes tensors into `idadapter_core`."""
+from comfy_api.latest import ComfyExtension, io
+
+from .face_nodes import FACE_NODES
+from .idadapter_nodes import IDADAPTER_NODES
+
+
+class IDAdapterExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*FACE_NODES, *IDADAPTER_NODES]

@@ -1,0 +1,84 @@
+"""Tiny models built in code: no downloads, CPU, seconds."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
+sys.path.insert(0, str(REPO_ROOT))
+
+from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig  # noqa: E402
+
+
+def tiny_unet_config(cross_attention_dim: int = 24) -> dict:
+    """Two attention levels (the second with two transformer layers), so forward order has depth inside blocks."""
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+@pytest.fixture
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**tiny_unet_config()).eval()
+
+
+TINY_MFF = MFFConfig(clip_dim=16, face_dim=8, num_patches=4, width=20, depth=2, heads=4)
+
+
+def tiny_config(layout, **overrides) -> IDAdapterConfig:
+    kwargs = dict(mff=TINY_MFF, clip_embed_dim=12, num_refs=2, clip_vision="tiny-test", face_model="tiny-test")
+    kwargs.update(overrides)
+    return IDAdapterConfig(layout=layout, **kwargs)
+
+
+def tiny_adapter(layout, seed: int = 0, open_gates: bool = False, **overrides) -> IDAdapter:
+    torch.manual_seed(seed)
+    adapter = IDAdapter(tiny_config(layout, **overrides))
+    if open_gates:
+        with torch.no_grad():
+            for block in adapter.blocks:
+                block.alpha_attn.fill_(0.7)
+                block.alpha_dense.fill_(-0.4)
+    return adapter
+
+
+def tiny_features(config: IDAdapterConfig, batch: int = 1, num_refs: int | None = None, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    n = num_refs or config.num_refs
+    mff = config.mff
+    return (
+        torch.randn(batch, n, mff.num_patches, mff.clip_dim, generator=g),
+        torch.nn.functional.normalize(torch.randn(batch, n, mff.face_dim, generator=g), dim=-1),
+        torch.randn(batch, n, config.clip_embed_dim, generator=g),
+    )
+
+
+def shared_assets_or_skip() -> Path:
+    if not SHARED_ASSETS.is_dir():
+        pytest.skip(f"real test assets not found at {SHARED_ASSETS} (they sit beside the repo in CI, not in a user's clone)")
+    return SHARED_ASSETS
+
+
+def comfyui_path_or_skip() -> Path:
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the host integration tests")
+    return Path(path)

@@ -1,0 +1,132 @@
+"""The diffusers host binding on a tiny UNet2DConditionModel: what attaching changes and what detaching restores."""
+import pytest
+import torch
+
+from conftest import tiny_adapter, tiny_features, tiny_unet_config
+from idadapter_core import IncompatibleWeightsError, splice_identity_token
+from idadapter_core.diffusers_binding import (
+    DiffusersIDAdapter, layout_from_diffusers_unet, transformer_blocks_in_forward_order,
+)
+
+
+def unet_inputs(batch=2, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([500] * batch), torch.randn(batch, 6, 24, generator=g)
+
+
+def run(unet, latents, t, context):
+    with torch.no_grad():
+        return unet(latents, t, encoder_hidden_states=context).sample
+
+
+def test_layout_lists_every_block_in_forward_order(tiny_unet):
+    layout = layout_from_diffusers_unet(tiny_unet)
+    # down: 16 (1 layer), 32 (2 layers); middle: 32 (2 layers); up: 2 attentions x 2 layers at 32, 2 x 1 at 16
+    assert layout.block_channels == (16, 32, 32) + (32, 32) + (32, 32, 32, 32, 16, 16)
+    assert layout.context_dim == 24 and layout.base == "custom"
+    assert len(transformer_blocks_in_forward_order(tiny_unet)) == layout.num_blocks
+
+
+def identity(adapter, batch=1):
+    patches, faces, image_embeds = tiny_features(adapter.config, batch=batch)
+    return adapter.encode(patches, faces, image_embeds)
+
+
+def test_closed_gates_give_bit_identical_output(tiny_unet):
+    inputs = unet_inputs()
+    bare = run(tiny_unet, *inputs)
+    adapter = tiny_adapter(layout_from_diffusers_unet(tiny_unet))
+    with DiffusersIDAdapter(tiny_unet, adapter) as binding:
+        binding.set_identity(identity(adapter).reference_tokens)
+        assert torch.equal(run(tiny_unet, *inputs), bare)
+
+
+def test_open_gates_change_output_and_zero_weight_does_not(tiny_unet):
+    inputs = unet_inputs()
+    bare = run(tiny_unet, *inputs)
+    adapter = tiny_adapter(layout_from_diffusers_unet(tiny_unet), open_gates=True)
+    with DiffusersIDAdapter(tiny_unet, adapter) as binding:
+        binding.set_identity(identity(adapter).reference_tokens)
+        changed = run(tiny_unet, *inputs)
+        assert (changed - bare).abs().max() > 1e-3
+        binding.weight = 0.0
+        assert torch.equal(run(tiny_unet, *inputs), bare)
+
+
+def test_every_block_runs_its_adapter(tiny_unet):
+    adapter = tiny_adapter(layout_from_diffusers_unet(tiny_unet), open_gates=True)
+    seen = []
+    for index, block in enumerate(adapter.blocks):
+        block.ff.register_forward_hook(lambda m, a, o, i=index: seen.append(i))
+    with DiffusersIDAdapter(tiny_unet, adapter) as binding:
+        binding.set_identity(identity(adapter).reference_tokens)
+        run(tiny_unet, *unet_inputs())
+    assert seen == list(range(len(adapter.blocks)))
+
+
+def test_detach_restores_state_dict_exactly(tiny_unet):
+    before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    params_before = {k: id(p) for k, p in tiny_unet.named_parameters()}
+    adapter = tiny_adapter(layout_from_diffusers_unet(tiny_unet), open_gates=True)
+    with torch.no_grad():
+        for kv in adapter.cross_kv:
+            kv.to_k.diff.normal_(std=0.1)
+            kv.to_v.diff.normal_(std=0.1)
+    binding = DiffusersIDAdapter(tiny_unet, adapter)
+    binding.set_identity(identity(adapter).reference_tokens)
+    run(tiny_unet, *unet_inputs())
+    binding.detach()
+    after = tiny_unet.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {k: id(p) for k, p in tiny_unet.named_parameters()} == params_before
+
+
+def test_cross_kv_deltas_are_applied_while_attached(tiny_unet):
+    adapter = tiny_adapter(layout_from_diffusers_unet(tiny_unet))
+    block = transformer_blocks_in_forward_order(tiny_unet)[3]
+    base = block.attn2.to_k.weight.detach().clone()
+    with torch.no_grad():
+        adapter.cross_kv[3].to_k.diff.fill_(0.25)
+    with DiffusersIDAdapter(tiny_unet, adapter):
+        torch.testing.assert_close(block.attn2.to_k.weight, base + 0.25)
+    assert torch.equal(block.attn2.to_k.weight, base)
+
+
+def test_gradients_reach_every_trainable_parameter(tiny_unet):
+    """Diffusion loss through the UNet with E_r from MFF and E_c spliced into a tiny CLIP text encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=24, intermediate_size=32,
+                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=8,
+                                                bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    layout = layout_from_diffusers_unet(tiny_unet, text_widths={"h": 24})
+    adapter = tiny_adapter(layout, open_gates=True)
+    for p in [*tiny_unet.parameters(), *text_encoder.parameters()]:
+        p.requires_grad_(False)
+    embeds = identity(adapter, batch=2)
+    trigger_id = 7
+    token_ids = torch.tensor([[1, 3, 7, 2, 0, 0], [1, 7, 4, 5, 2, 0]])
+    splice = text_encoder.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: splice_identity_token(out, a[0], trigger_id, embeds.identity_tokens["h"])
+    )
+    context = text_encoder(token_ids).last_hidden_state
+    splice.remove()
+    latents, t, _ = unet_inputs()
+    with DiffusersIDAdapter(tiny_unet, adapter) as binding:
+        binding.set_identity(embeds.reference_tokens)
+        loss = tiny_unet(latents, t, encoder_hidden_states=context).sample.pow(2).mean()
+        loss.backward()
+    no_grad = [n for n, p in adapter.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    assert all(not p.requires_grad or p.grad is None for p in tiny_unet.parameters())
+
+
+def test_refuses_adapter_for_another_unet(tiny_unet):
+    from diffusers import UNet2DConditionModel
+
+    other = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim=16))
+    adapter = tiny_adapter(layout_from_diffusers_unet(other))
+    with pytest.raises(IncompatibleWeightsError, match="context 16.*context 24"):
+        DiffusersIDAdapter(tiny_unet, adapter)

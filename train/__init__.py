@@ -1,0 +1,1 @@
+"""Standalone trainer for IDAdapter and Inv-Adapter weights (diffusers host; see README)."""
