@@ -1,16 +1,22 @@
 """Tiny models built in code: no downloads, CPU, seconds."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
-sys.path.insert(0, str(REPO_ROOT))
+PACK_MODULE = "comfyui_idadapter"
+# Appended, not prepended: the pack's `nodes/` package must never shadow ComfyUI's own `nodes` module.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
 
 from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig  # noqa: E402
 
@@ -81,4 +87,34 @@ def comfyui_path_or_skip() -> Path:
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the host integration tests")
+    if not (Path(path) / "comfy").is_dir():
+        pytest.skip(f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/ folder)")
     return Path(path)
+
+
+def load_comfyui_and_pack() -> ModuleType:
+    """Import ComfyUI from COMFYUI_PATH in CPU mode, then this pack the way ComfyUI loads custom nodes
+    (a package from the repo's `__init__.py`, so the nodes' relative imports resolve). Returns the pack."""
+    root = str(comfyui_path_or_skip())
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu on import)
+
+    spec = importlib.util.spec_from_file_location(
+        PACK_MODULE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = pack
+    spec.loader.exec_module(pack)
+    importlib.import_module(f"{PACK_MODULE}.nodes")
+    return pack
+
+
+@pytest.fixture(scope="session")
+def comfy_pack() -> ModuleType:
+    return load_comfyui_and_pack()
