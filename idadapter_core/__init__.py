@@ -5,7 +5,7 @@ from .id_token import IdentityTokenMLP, format_identity_prompt, splice_identity_
 from .mff import MFFConfig, MixedFacialFeatures
 from .model import IDAdapter, IDAdapterConfig, IdentityEmbeds, count_trainable_parameters
 from .presets import PRESETS, UNetLayout, get_preset
-from .weights import load_idadapter, save_idadapter
+from .weights import load_identity_embeds, load_idadapter, save_identity_embeds, save_idadapter
 
 __all__ = [
     "GatedSelfAttention", "IDAdapterBlocks", "ReferenceKV",
@@ -14,5 +14,5 @@ __all__ = [
     "MFFConfig", "MixedFacialFeatures",
     "IDAdapter", "IDAdapterConfig", "IdentityEmbeds", "count_trainable_parameters",
     "PRESETS", "UNetLayout", "get_preset",
-    "load_idadapter", "save_idadapter",
+    "load_idadapter", "save_idadapter", "load_identity_embeds", "save_identity_embeds",
 ]

@@ -90,9 +90,9 @@ class GatedSelfAttention(nn.Module):
         keys = torch.cat([attn.to_k(normed), ref.key.to(normed.dtype)], dim=1)
         values = torch.cat([attn.to_v(normed), ref.value.to(normed.dtype)], dim=1)
         attended = attn.to_out(attention(attn.to_q(normed), keys, values, attn.heads))
-        attn_term = (weight * torch.tanh(self.alpha_attn)) * attended
+        attn_term = (weight * torch.tanh(self.alpha_attn.to(y))) * attended
         y = y + attn_term
-        return attn_term + (weight * torch.tanh(self.alpha_dense)) * self.ff(self.norm2(y))
+        return attn_term + (weight * torch.tanh(self.alpha_dense.to(y))) * self.ff(self.norm2(y))
 
     def forward_concat_reference(self, y: torch.Tensor, e_r: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """GLIGEN's own formulation (attention over all of [y, E_r], then keep y's rows), recomputing E_r's

@@ -10,15 +10,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import Operations
+
 
 class IdentityTokenMLP(nn.Module):
-    def __init__(self, clip_embed_dim: int, text_widths: dict[str, int], hidden_dim: int | None = None) -> None:
+    def __init__(
+        self, clip_embed_dim: int, text_widths: dict[str, int], hidden_dim: int | None = None, operations: Operations = nn
+    ) -> None:
         super().__init__()
         if not text_widths:
             raise ValueError("text_widths must name at least one text encoder")
         hidden_dim = hidden_dim or clip_embed_dim
-        self.trunk = nn.Sequential(nn.LayerNorm(clip_embed_dim), nn.Linear(clip_embed_dim, hidden_dim), nn.GELU())
-        self.heads = nn.ModuleDict({key: nn.Linear(hidden_dim, width) for key, width in sorted(text_widths.items())})
+        self.trunk = nn.Sequential(
+            operations.LayerNorm(clip_embed_dim), operations.Linear(clip_embed_dim, hidden_dim), nn.GELU()
+        )
+        self.heads = nn.ModuleDict({key: operations.Linear(hidden_dim, width) for key, width in sorted(text_widths.items())})
 
     def forward(self, clip_image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, N, clip_embed_dim) image embeddings of the N references -> {encoder key: (B, width)}."""

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .attention import MultiHeadAttention
+from .attention import MultiHeadAttention, Operations
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,14 @@ class MFFConfig:
 class TransformerBlock(nn.Module):
     """Pre-LN transformer encoder block: x + Attn(LN(x)); x + MLP(LN(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, operations: Operations = nn) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = MultiHeadAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, width * mlp_ratio), nn.GELU(), nn.Linear(width * mlp_ratio, width))
+        self.norm1 = operations.LayerNorm(width)
+        self.attn = MultiHeadAttention(width, heads, operations)
+        self.norm2 = operations.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            operations.Linear(width, width * mlp_ratio), nn.GELU(), operations.Linear(width * mlp_ratio, width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -57,19 +59,21 @@ class TransformerBlock(nn.Module):
 class MixedFacialFeatures(nn.Module):
     """(B, N, P, clip_dim) patch tokens + (B, N, face_dim) face embeddings -> E_r (B, T, width), any N >= 1."""
 
-    def __init__(self, config: MFFConfig) -> None:
+    def __init__(self, config: MFFConfig, operations: Operations = nn) -> None:
         super().__init__()
         self.config = config
         width = config.width
-        self.patch_proj = nn.Linear(config.clip_dim, width)
-        self.face_proj = nn.Linear(config.face_dim, width)
+        self.patch_proj = operations.Linear(config.clip_dim, width)
+        self.face_proj = operations.Linear(config.face_dim, width)
         # Position of a patch inside its image (shared by all N images, so any N works) and a token-type
         # embedding telling patch tokens, the face token and the learned queries apart.
         self.patch_position = nn.Parameter(torch.zeros(config.num_patches, width))
         self.token_type = nn.Parameter(torch.zeros(3, width))
         self.queries = nn.Parameter(torch.randn(config.num_queries, width) * width**-0.5) if config.num_queries else None
-        self.blocks = nn.ModuleList(TransformerBlock(width, config.heads, config.mlp_ratio) for _ in range(config.depth))
-        self.norm_out = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, config.heads, config.mlp_ratio, operations) for _ in range(config.depth)
+        )
+        self.norm_out = operations.LayerNorm(width)
         nn.init.normal_(self.patch_position, std=0.02)
         nn.init.normal_(self.token_type, std=0.02)
 
@@ -82,12 +86,15 @@ class MixedFacialFeatures(nn.Module):
         batch, num_refs, num_patches, _ = clip_patches.shape
         if num_patches != self.config.num_patches:
             raise ValueError(f"expected {self.config.num_patches} CLIP patch tokens per image, got {num_patches}")
-        patches = self.patch_proj(clip_patches) + self.patch_position + self.token_type[0]
+        patches = self.patch_proj(clip_patches)
+        # raw parameters follow the activations (ComfyUI may keep them on the offload device)
+        token_type = self.token_type.to(patches)
+        patches = patches + self.patch_position.to(patches) + token_type[0]
         patches = patches.reshape(batch, num_refs * num_patches, -1)  # f_v = Concat_i f_v(i)   (eq. 3)
-        face = self.face_proj(face_embeds.mean(dim=1, keepdim=True)) + self.token_type[1]  # f_a = mean_i f_a(i) (eq. 4)
+        face = self.face_proj(face_embeds.mean(dim=1, keepdim=True)) + token_type[1]  # f_a = mean_i f_a(i) (eq. 4)
         tokens = [patches, face]
         if self.queries is not None:
-            tokens.append((self.queries + self.token_type[2]).expand(batch, -1, -1))
+            tokens.append((self.queries.to(patches) + token_type[2]).expand(batch, -1, -1))
         x = torch.cat(tokens, dim=1)
         for block in self.blocks:
             x = block(x)

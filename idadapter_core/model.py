@@ -9,6 +9,7 @@ from torch import nn
 
 from .adapter import CrossAttentionKV, IDAdapterBlocks, ReferenceKV
 from .attention import Operations
+from .errors import IncompatibleWeightsError
 from .id_token import IdentityTokenMLP
 from .mff import MFFConfig, MixedFacialFeatures
 from .presets import UNetLayout, get_preset
@@ -50,13 +51,38 @@ class IDAdapterConfig:
     def with_layout(self, layout: UNetLayout) -> "IDAdapterConfig":
         return replace(self, layout=layout)
 
+    def check_features(self, clip_patches: torch.Tensor, face_embeds: torch.Tensor, clip_image_embeds: torch.Tensor) -> None:
+        """Refuse face features made with other face or CLIP models than these weights were trained with."""
+        mff = self.mff
+        if face_embeds.shape[-1] != mff.face_dim:
+            raise IncompatibleWeightsError(
+                f"the face embeddings are {face_embeds.shape[-1]}-d, but these weights were trained on {mff.face_dim}-d "
+                f"embeddings from '{self.face_model}'; load that model in Load InsightFace."
+            )
+        if clip_patches.shape[-1] != mff.clip_dim or clip_patches.shape[-2] != mff.num_patches or clip_image_embeds.shape[-1] != self.clip_embed_dim:
+            raise IncompatibleWeightsError(
+                f"the CLIP vision features ({clip_patches.shape[-2]} patch tokens x {clip_patches.shape[-1]}, image embeds "
+                f"{clip_image_embeds.shape[-1]}) do not fit these weights ({mff.num_patches} x {mff.clip_dim}, "
+                f"{self.clip_embed_dim}); load '{self.clip_vision}' in Load CLIP Vision."
+            )
+
 
 @dataclass
 class IdentityEmbeds:
-    """What Encode Identity produces: E_r (B, T, D) for the adapters and E_c per text encoder."""
+    """What Encode Identity produces: E_r (B, T, D) for the adapters and E_c per text encoder, tagged with
+    the weights that made them (E_r only means something to the adapters trained with that MFF)."""
 
     reference_tokens: torch.Tensor
     identity_tokens: dict[str, torch.Tensor]
+    adapter_fingerprint: str = ""
+    adapter_name: str = ""
+
+    def check_made_by(self, fingerprint: str, name: str) -> None:
+        if self.adapter_fingerprint and self.adapter_fingerprint != fingerprint:
+            raise IncompatibleWeightsError(
+                f"these ID embeds were encoded with '{self.adapter_name}', not with '{name}'; "
+                "run Encode Identity with the same IDAdapter weights you apply."
+            )
 
 
 class IDAdapter(nn.Module):
@@ -64,8 +90,8 @@ class IDAdapter(nn.Module):
         super().__init__()
         self.config = config
         layout = config.layout
-        self.mff = MixedFacialFeatures(config.mff)
-        self.id_token = IdentityTokenMLP(config.clip_embed_dim, layout.text_widths)
+        self.mff = MixedFacialFeatures(config.mff, operations)
+        self.id_token = IdentityTokenMLP(config.clip_embed_dim, layout.text_widths, operations=operations)
         self.blocks = IDAdapterBlocks(layout, config.mff.width, operations, device=device, dtype=dtype)
         self.cross_kv = nn.ModuleList(
             CrossAttentionKV(channels, layout.context_dim, device=device, dtype=dtype) for channels in layout.block_channels
@@ -76,6 +102,7 @@ class IDAdapter(nn.Module):
 
     def encode(self, clip_patches: torch.Tensor, face_embeds: torch.Tensor, clip_image_embeds: torch.Tensor) -> IdentityEmbeds:
         """(B, N, P, clip_dim), (B, N, face_dim), (B, N, clip_embed_dim) -> E_r and E_c."""
+        self.config.check_features(clip_patches, face_embeds, clip_image_embeds)
         return IdentityEmbeds(self.mff(clip_patches, face_embeds), self.id_token(clip_image_embeds))
 
     def reference_kv(self, reference_tokens: torch.Tensor) -> list[ReferenceKV]:

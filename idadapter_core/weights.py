@@ -6,6 +6,7 @@ temporary file in the target folder and are renamed into place, so a file is nev
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -18,10 +19,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import IncompatibleWeightsError, WeightsFormatError
-from .model import IDAdapter, IDAdapterConfig
+from .model import IDAdapter, IDAdapterConfig, IdentityEmbeds
 from .presets import PRESETS, UNetLayout
 
 IDADAPTER_FORMAT = "idadapter"
+EMBEDS_FORMAT = "idadapter-embeds"
 FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -129,12 +131,26 @@ def save_idadapter(path: str | os.PathLike, model: IDAdapter, dtype: torch.dtype
     write_weights(path, tensors, idadapter_metadata(model.config))
 
 
-def check_layout(config: IDAdapterConfig, model_layout: UNetLayout | None, source: str) -> None:
-    """Refuse weights whose UNet layout differs from the model's (or, without a model, from their preset)."""
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of the file (first 16 hex digits): ties ID embeds to the weights that encoded them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_layout(
+    config: IDAdapterConfig, model_layout: UNetLayout | None, source: str, require_known_base: bool = True
+) -> None:
+    """Refuse weights whose UNet layout differs from the model's (or, without a model, from their preset).
+    With `require_known_base=False` a base without a preset passes here, to be checked once the model is known."""
     weights_layout = config.layout
     if model_layout is None:
         preset = PRESETS.get(weights_layout.base)
         if preset is None:
+            if not require_known_base:
+                return
             raise IncompatibleWeightsError(
                 f"{source} is for an unknown base '{weights_layout.base}'; known bases: {', '.join(PRESETS)}. "
                 "Pass the model it is meant for to validate it."
@@ -153,7 +169,8 @@ def check_layout(config: IDAdapterConfig, model_layout: UNetLayout | None, sourc
 
 
 def load_idadapter(
-    path: str | os.PathLike, model_layout: UNetLayout | None = None, device=None, dtype=None, operations=None
+    path: str | os.PathLike, model_layout: UNetLayout | None = None, device=None, dtype=None, operations=None,
+    require_known_base: bool = True,
 ) -> IDAdapter:
     """Load and validate IDAdapter weights; `model_layout` is the UNet they will be applied to, if known."""
     name = Path(path).name
@@ -164,7 +181,7 @@ def load_idadapter(
         raise WeightsFormatError(f"{name} has unreadable configuration metadata ({exc}); export it again.") from None
     if metadata.get("base") != config.layout.base:
         raise WeightsFormatError(f"{name} metadata disagrees with itself (base '{metadata.get('base')}' vs '{config.layout.base}').")
-    check_layout(config, model_layout, name)
+    check_layout(config, model_layout, name, require_known_base)
     kwargs = {} if operations is None else {"operations": operations}
     with torch.device("meta"):
         skeleton = IDAdapter(config, **kwargs)
@@ -187,3 +204,28 @@ def load_idadapter(
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
+
+
+def save_identity_embeds(path: str | os.PathLike, embeds: IdentityEmbeds) -> None:
+    tensors = {"reference_tokens": embeds.reference_tokens}
+    tensors.update({f"identity_tokens.{key}": value for key, value in embeds.identity_tokens.items()})
+    metadata = {
+        "format": EMBEDS_FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "adapter_fingerprint": embeds.adapter_fingerprint,
+        "adapter_name": embeds.adapter_name,
+    }
+    write_weights(path, tensors, metadata)
+
+
+def load_identity_embeds(path: str | os.PathLike) -> IdentityEmbeds:
+    tensors, metadata = read_weights(path, EMBEDS_FORMAT)
+    if "reference_tokens" not in tensors:
+        raise WeightsFormatError(f"{Path(path).name} has no reference_tokens tensor; save the ID embeds again.")
+    prefix = "identity_tokens."
+    return IdentityEmbeds(
+        reference_tokens=tensors["reference_tokens"],
+        identity_tokens={name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)},
+        adapter_fingerprint=metadata.get("adapter_fingerprint", ""),
+        adapter_name=metadata.get("adapter_name", ""),
+    )

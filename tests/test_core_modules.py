@@ -132,3 +132,27 @@ def test_layout_needs_one_head_count_per_block():
 def test_config_json_round_trip():
     config = tiny_config(PRESETS["sdxl"], class_word="woman")
     assert IDAdapterConfig.from_json(config.to_json()) == config
+
+
+def test_features_from_other_face_or_clip_models_are_refused():
+    from idadapter_core import IncompatibleWeightsError
+
+    adapter = tiny_adapter(PRESETS["sd15"], face_model="antelopev2", clip_vision="ViT-H-14")
+    patches, faces, image_embeds = tiny_features(adapter.config)
+    with pytest.raises(IncompatibleWeightsError, match="face embeddings are 128-d.*trained on 8-d embeddings from 'antelopev2'"):
+        adapter.encode(patches, torch.randn(1, 2, 128), image_embeds)
+    with pytest.raises(IncompatibleWeightsError, match="CLIP vision features.*load 'ViT-H-14' in Load CLIP Vision"):
+        adapter.encode(torch.randn(1, 2, 4, 1024), faces, image_embeds)
+
+
+def test_root_package_imports_without_comfyui():
+    import importlib.util
+    import sys
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("pack_without_host", REPO_ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.comfy_entrypoint)
+    assert "comfy_api" not in sys.modules  # the node modules (which need the host) load only when ComfyUI asks

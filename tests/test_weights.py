@@ -150,3 +150,38 @@ def test_wrong_tensor_shape(saved, tmp_path):
     write_weights(path, tensors, idadapter_metadata(adapter.config))
     with pytest.raises(IncompatibleWeightsError, match="missing 1 tensors"):
         load_idadapter(path, model_layout=TINY_LAYOUT)
+
+
+def test_identity_embeds_round_trip_and_provenance(tmp_path):
+    from idadapter_core import IdentityEmbeds, load_identity_embeds, save_identity_embeds
+
+    embeds = IdentityEmbeds(torch.randn(1, 9, 20), {"l": torch.randn(1, 24), "g": torch.randn(1, 32)}, "abc123", "a.safetensors")
+    path = tmp_path / "me.safetensors"
+    save_identity_embeds(path, embeds)
+    loaded = load_identity_embeds(path)
+    assert torch.equal(loaded.reference_tokens, embeds.reference_tokens)
+    assert loaded.identity_tokens.keys() == {"l", "g"} and torch.equal(loaded.identity_tokens["g"], embeds.identity_tokens["g"])
+    assert (loaded.adapter_fingerprint, loaded.adapter_name) == ("abc123", "a.safetensors")
+    loaded.check_made_by("abc123", "a.safetensors")
+    with pytest.raises(IncompatibleWeightsError, match="encoded with 'a.safetensors', not with 'b.safetensors'"):
+        loaded.check_made_by("def456", "b.safetensors")
+    with pytest.raises(WeightsFormatError, match="is a 'idadapter-embeds' file; expected 'idadapter'"):
+        load_idadapter(path)
+
+
+def test_file_fingerprint_tracks_content(saved, tmp_path):
+    from idadapter_core.weights import file_fingerprint
+
+    adapter, path = saved
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(path.read_bytes())
+    assert file_fingerprint(copy) == file_fingerprint(path)
+    with torch.no_grad():
+        adapter.blocks[0].alpha_attn.add_(1.0)
+    save_idadapter(copy, adapter)
+    assert file_fingerprint(copy) != file_fingerprint(path)
+
+
+def test_custom_base_can_wait_for_the_model(saved):
+    _, path = saved
+    assert load_idadapter(path, require_known_base=False).config.layout == TINY_LAYOUT

@@ -1,0 +1,230 @@
+"""IDAdapter nodes: load weights, encode an identity, apply it to a MODEL, build the identity prompt,
+save/load identities. Each node only routes tensors into `idadapter_core` / `comfy_binding`."""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..idadapter_core import format_identity_prompt, load_identity_embeds, save_identity_embeds
+from ..idadapter_core.errors import IDAdapterError
+from .comfy_binding import (
+    apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy,
+    replace_trigger_tokens, trigger_token_id,
+)
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "IDAdapter"
+EMBEDS_FOLDER = "idadapter_embeds"
+
+IDAdapterType = io.Custom("IDADAPTER")
+FaceFeaturesType = io.Custom("FACE_FEATURES")
+IDEmbedsType = io.Custom("ID_EMBEDS")
+
+
+def register_model_folders() -> None:
+    """`models/idadapter` for weights and `output/idadapter_embeds` for saved identities; paths already set in
+    extra_model_paths.yaml are kept."""
+    if "idadapter" not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path("idadapter", os.path.join(folder_paths.models_dir, "idadapter"), is_default=True)
+    folder_paths.folder_names_and_paths["idadapter"] = (folder_paths.folder_names_and_paths["idadapter"][0], {".safetensors"})
+    if EMBEDS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(EMBEDS_FOLDER, embeds_output_dir(), is_default=True)
+    folder_paths.folder_names_and_paths[EMBEDS_FOLDER] = (folder_paths.folder_names_and_paths[EMBEDS_FOLDER][0], {".safetensors"})
+
+
+def embeds_output_dir() -> str:
+    return os.path.join(folder_paths.get_output_directory(), EMBEDS_FOLDER)
+
+
+register_model_folders()
+
+
+class LoadIDAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDAdapterLoader",
+            display_name="Load IDAdapter",
+            category=CATEGORY,
+            description="Loads IDAdapter weights (.safetensors) from models/idadapter.",
+            inputs=[
+                io.Combo.Input(
+                    "adapter_name", options=folder_paths.get_filename_list("idadapter"),
+                    tooltip="IDAdapter weights in models/idadapter; they name the base model they were trained for.",
+                ),
+            ],
+            outputs=[IDAdapterType.Output(display_name="IDADAPTER")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("idadapter", adapter_name)
+        return io.NodeOutput(load_idadapter_for_comfy(path, adapter_name))
+
+
+class EncodeIdentity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDAdapterEncodeIdentity",
+            display_name="Encode Identity (MFF)",
+            category=CATEGORY,
+            description="Mixed Facial Features: turns the face features of the references into the identity's "
+                        "reference tokens (for Apply IDAdapter) and identity token (for Identity Prompt).",
+            inputs=[
+                IDAdapterType.Input("idadapter", tooltip="From Load IDAdapter."),
+                FaceFeaturesType.Input("face_features", tooltip="From Extract Face Features: ArcFace + CLIP features of N references."),
+            ],
+            outputs=[IDEmbedsType.Output(display_name="ID_EMBEDS")],
+        )
+
+    @classmethod
+    def execute(cls, idadapter, face_features) -> io.NodeOutput:
+        if face_features.face_embeds.shape[0] != idadapter.config.num_refs:
+            log.info(
+                "IDAdapter: encoding %d references; '%s' was trained with N=%d",
+                face_features.face_embeds.shape[0], idadapter.name, idadapter.config.num_refs,
+            )
+        embeds = encode_identity(
+            idadapter, face_features.clip_patches[None], face_features.face_embeds[None], face_features.clip_image_embeds[None]
+        )
+        return io.NodeOutput(embeds)
+
+
+class ApplyIDAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDAdapterApply",
+            display_name="Apply IDAdapter",
+            category=CATEGORY,
+            description="Returns a copy of the model whose transformer blocks attend to the identity's reference "
+                        "tokens (gated self-attention, IDAdapter eq. 7). The input model is left untouched.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5, SD2.x or SDXL model matching the IDAdapter weights' base."),
+                IDAdapterType.Input("idadapter", tooltip="From Load IDAdapter."),
+                IDEmbedsType.Input("id_embeds", tooltip="From Encode Identity or Load ID Embeds, made with the same weights."),
+                io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.05,
+                               tooltip="β of the paper: scales the adapter's contribution; 0 turns it off."),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling schedule where the adapter starts acting."),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling schedule where the adapter stops acting."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_at: float, end_at: float, **kwargs) -> bool | str:
+        if start_at > end_at:
+            return f"start_at ({start_at}) must not be after end_at ({end_at})"
+        return True
+
+    @classmethod
+    def execute(cls, model, idadapter, id_embeds, weight: float, start_at: float, end_at: float) -> io.NodeOutput:
+        return io.NodeOutput(apply_idadapter(model, idadapter, id_embeds, weight, start_at, end_at))
+
+
+class IdentityPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDAdapterIdentityPrompt",
+            display_name="Identity Prompt",
+            category=CATEGORY,
+            description="Encodes the prompt with ', <class word> is <trigger word>' appended and the trigger word's "
+                        "input embedding replaced by the identity token (IDAdapter §3.4). Use a plain CLIP Text "
+                        "Encode for the negative prompt.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder of the checkpoint the weights were trained for."),
+                IDAdapterType.Input("idadapter", tooltip="From Load IDAdapter."),
+                IDEmbedsType.Input("id_embeds", tooltip="From Encode Identity or Load ID Embeds."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, default="a photo of a person, outdoors",
+                                tooltip="The prompt; the identity clause is appended at its end."),
+                io.String.Input("class_word", default="",
+                                tooltip="man, woman, person, ... Empty uses the class word stored in the weights."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip, idadapter, id_embeds, text: str, class_word: str) -> io.NodeOutput:
+        id_embeds.check_made_by(idadapter.fingerprint, idadapter.name)
+        config = idadapter.config
+        identity_tokens = identity_tokens_for_clip(clip, idadapter, id_embeds)
+        if id_embeds.reference_tokens.shape[0] > 1:
+            log.warning("IDAdapter: the prompt carries one identity token; using the first of %d identities",
+                        id_embeds.reference_tokens.shape[0])
+        prompt = format_identity_prompt(text, class_word.strip() or config.class_word, config.trigger_word)
+        tokens = clip.tokenize(prompt)
+        trigger_ids = {key: trigger_token_id(clip, key, config.trigger_word) for key in tokens}
+        if not replace_trigger_tokens(tokens, trigger_ids, identity_tokens):
+            raise IDAdapterError(f"the trigger word '{config.trigger_word}' was not found in the tokenized prompt")
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
+
+
+def safe_embeds_path(name: str) -> str:
+    """A file inside output/idadapter_embeds, refusing names that would leave it."""
+    cleaned = name.strip()
+    if cleaned.endswith(".safetensors"):
+        cleaned = cleaned[: -len(".safetensors")]
+    if not cleaned or cleaned in (".", "..") or any(sep in cleaned for sep in ("/", "\\", "\0")) or ".." in cleaned or ":" in cleaned:
+        raise IDAdapterError(
+            f"'{name}' is not a plain file name; use letters, digits, '-', '_' (no folders, '..' or drive letters)."
+        )
+    folder = embeds_output_dir()
+    path = os.path.abspath(os.path.join(folder, f"{cleaned}.safetensors"))
+    if os.path.commonpath([path, os.path.abspath(folder)]) != os.path.abspath(folder):
+        raise IDAdapterError(f"'{name}' would be saved outside {folder}")
+    return path
+
+
+class SaveIDEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDAdapterSaveIDEmbeds",
+            display_name="Save ID Embeds",
+            category=CATEGORY,
+            description="Saves an encoded identity to output/idadapter_embeds, to reuse without the face models.",
+            inputs=[
+                IDEmbedsType.Input("id_embeds", tooltip="From Encode Identity."),
+                io.String.Input("name", default="identity", tooltip="File name (no folders); an existing file of that name is replaced."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, id_embeds, name: str) -> io.NodeOutput:
+        path = safe_embeds_path(name)
+        save_identity_embeds(path, id_embeds)
+        log.info("IDAdapter: saved ID embeds to %s", path)
+        return io.NodeOutput(path)
+
+
+class LoadIDEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDAdapterLoadIDEmbeds",
+            display_name="Load ID Embeds",
+            category=CATEGORY,
+            description="Loads an identity saved with Save ID Embeds.",
+            inputs=[
+                io.Combo.Input("embeds_name", options=folder_paths.get_filename_list(EMBEDS_FOLDER),
+                               tooltip="A file in output/idadapter_embeds."),
+            ],
+            outputs=[IDEmbedsType.Output(display_name="ID_EMBEDS")],
+        )
+
+    @classmethod
+    def execute(cls, embeds_name: str) -> io.NodeOutput:
+        return io.NodeOutput(load_identity_embeds(folder_paths.get_full_path_or_raise(EMBEDS_FOLDER, embeds_name)))
+
+
+IDADAPTER_NODES = [LoadIDAdapter, EncodeIdentity, ApplyIDAdapter, IdentityPrompt, SaveIDEmbeds, LoadIDEmbeds]
