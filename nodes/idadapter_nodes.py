@@ -25,22 +25,24 @@ FaceFeaturesType = io.Custom("FACE_FEATURES")
 IDEmbedsType = io.Custom("ID_EMBEDS")
 
 
-def register_model_folders() -> None:
-    """`models/idadapter` for weights and `output/idadapter_embeds` for saved identities; paths already set in
-    extra_model_paths.yaml are kept."""
+def register_model_folder() -> None:
+    """`models/idadapter` for the weights; a path already set in extra_model_paths.yaml is kept."""
     if "idadapter" not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path("idadapter", os.path.join(folder_paths.models_dir, "idadapter"), is_default=True)
     folder_paths.folder_names_and_paths["idadapter"] = (folder_paths.folder_names_and_paths["idadapter"][0], {".safetensors"})
-    if EMBEDS_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(EMBEDS_FOLDER, embeds_output_dir(), is_default=True)
-    folder_paths.folder_names_and_paths[EMBEDS_FOLDER] = (folder_paths.folder_names_and_paths[EMBEDS_FOLDER][0], {".safetensors"})
 
 
 def embeds_output_dir() -> str:
+    """Saved identities live in output/idadapter_embeds (read at call time: the output folder can be moved)."""
     return os.path.join(folder_paths.get_output_directory(), EMBEDS_FOLDER)
 
 
-register_model_folders()
+def saved_embeds() -> list[str]:
+    folder = embeds_output_dir()
+    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+
+
+register_model_folder()
 
 
 class LoadIDAdapter(io.ComfyNode):
@@ -216,15 +218,14 @@ class LoadIDEmbeds(io.ComfyNode):
             category=CATEGORY,
             description="Loads an identity saved with Save ID Embeds.",
             inputs=[
-                io.Combo.Input("embeds_name", options=folder_paths.get_filename_list(EMBEDS_FOLDER),
-                               tooltip="A file in output/idadapter_embeds."),
+                io.Combo.Input("embeds_name", options=saved_embeds(), tooltip="A file in output/idadapter_embeds."),
             ],
             outputs=[IDEmbedsType.Output(display_name="ID_EMBEDS")],
         )
 
     @classmethod
     def execute(cls, embeds_name: str) -> io.NodeOutput:
-        return io.NodeOutput(load_identity_embeds(folder_paths.get_full_path_or_raise(EMBEDS_FOLDER, embeds_name)))
+        return io.NodeOutput(load_identity_embeds(safe_embeds_path(embeds_name)))
 
 
 IDADAPTER_NODES = [LoadIDAdapter, EncodeIdentity, ApplyIDAdapter, IdentityPrompt, SaveIDEmbeds, LoadIDEmbeds]

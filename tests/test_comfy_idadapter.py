@@ -1,0 +1,215 @@
+"""IDAdapter nodes inside a real ComfyUI (imported from COMFYUI_PATH; skipped without it)."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+
+import pytest
+import torch
+
+from comfy_fixtures import TINY_SD15_LAYOUT, tiny_adapter_config, write_adapter, write_tiny_sd15_checkpoint
+from idadapter_core import IdentityEmbeds
+from idadapter_core.presets import UNetLayout
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def host(comfy_pack, tmp_path_factory):
+    """ComfyUI with its model folders pointed at a temporary tree holding a tiny SD1.5 checkpoint and adapters."""
+    import comfy.sd
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("comfy_models")
+    for folder in ("checkpoints", "idadapter"):
+        (root / folder).mkdir()
+        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
+    folder_paths.set_output_directory(str(root / "output"))
+    ckpt = write_tiny_sd15_checkpoint(root / "checkpoints" / "tiny-sd15.safetensors")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), embedding_directory=None)
+    write_adapter(root / "idadapter" / "tiny.safetensors", tiny_adapter_config(), seed=0, kv_scale=0.02)
+    write_adapter(root / "idadapter" / "closed.safetensors", tiny_adapter_config(), seed=0, open_gates=False)
+    write_adapter(root / "idadapter" / "other.safetensors", tiny_adapter_config(), seed=1)
+    wrong_layout = UNetLayout("custom", (320, 640), (8, 8), 768, {"l": 768})
+    write_adapter(root / "idadapter" / "wrong-base.safetensors", tiny_adapter_config(wrong_layout))
+    h_clip = UNetLayout("sd21-like", TINY_SD15_LAYOUT.block_channels, TINY_SD15_LAYOUT.block_heads, 768, {"h": 1024})
+    write_adapter(root / "idadapter" / "h-clip.safetensors", tiny_adapter_config(h_clip))
+    nodes = importlib.import_module("comfyui_idadapter.nodes.idadapter_nodes")
+    return dict(model=model, clip=clip, vae=vae, nodes=nodes, root=root)
+
+
+def load(host, name):
+    return host["nodes"].LoadIDAdapter.execute(name).result[0]
+
+
+def fake_features(config, seed=0):
+    """Face features of the right shapes (the face pipeline itself is tested in test_face*)."""
+    g = torch.Generator().manual_seed(seed)
+    n, mff = config.num_refs, config.mff
+
+    class Features:
+        clip_patches = torch.randn(n, mff.num_patches, mff.clip_dim, generator=g)
+        face_embeds = torch.nn.functional.normalize(torch.randn(n, mff.face_dim, generator=g), dim=-1)
+        clip_image_embeds = torch.randn(n, config.clip_embed_dim, generator=g)
+
+    return Features
+
+
+def encode(host, adapter, seed=0) -> IdentityEmbeds:
+    return host["nodes"].EncodeIdentity.execute(adapter, fake_features(adapter.config, seed)).result[0]
+
+
+def apply(host, adapter, embeds, weight=1.0, start_at=0.0, end_at=1.0, model=None):
+    return host["nodes"].ApplyIDAdapter.execute(model or host["model"], adapter, embeds, weight, start_at, end_at).result[0]
+
+
+def sample(model, clip, seed=0, batch=1, steps=2):
+    import comfy.sample
+
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a man"))
+    uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = torch.zeros(batch, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", cond, uncond, latent, seed=seed)
+
+
+def model_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_apply_returns_a_patched_clone_and_leaves_the_input_model_untouched(host):
+    model = host["model"]
+    before = model_hash(model)
+    options_before = repr(model.model_options)
+    adapter = load(host, "tiny.safetensors")
+    patched = apply(host, adapter, encode(host, adapter))
+    assert patched is not model and "middle_patch" in patched.model_options["transformer_options"]["patches"]
+    assert len(patched.patches) == 2 * len(TINY_SD15_LAYOUT.block_channels)  # K and V of every cross-attention
+    sample(patched, host["clip"])
+    # ComfyUI patches the shared weights while the clone is loaded and restores them when another model loads
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    assert model_hash(model) == before and repr(model.model_options) == options_before
+    assert adapter.patcher in patched.model_patches_models()
+
+
+def test_graph_without_the_node_is_unchanged_and_closed_gates_change_nothing(host):
+    bare = sample(host["model"], host["clip"])
+    adapter = load(host, "closed.safetensors")
+    assert torch.equal(sample(apply(host, adapter, encode(host, adapter)), host["clip"]), bare)
+    assert torch.equal(sample(host["model"], host["clip"]), bare)
+
+
+def test_adapter_changes_the_image_and_weight_zero_does_not(host):
+    bare = sample(host["model"], host["clip"])
+    adapter = load(host, "other.safetensors")  # open gates, no K/V deltas
+    embeds = encode(host, adapter)
+    assert (sample(apply(host, adapter, embeds), host["clip"]) - bare).abs().max() > 1e-3
+    assert torch.equal(sample(apply(host, adapter, embeds, weight=0.0), host["clip"]), bare)
+
+
+def count_adapter_calls(adapter):
+    calls = []
+    handles = [block.ff.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, block in enumerate(adapter.model.blocks)]
+    return calls, handles
+
+
+def test_every_transformer_block_runs_the_adapter_middle_included(host):
+    adapter = load(host, "other.safetensors")
+    calls, handles = count_adapter_calls(adapter)
+    try:
+        sample(apply(host, adapter, encode(host, adapter)), host["clip"], steps=2)
+    finally:
+        for h in handles:
+            h.remove()
+    num_blocks = len(TINY_SD15_LAYOUT.block_channels)
+    assert calls == list(range(num_blocks)) * 2  # forward order, once per UNet call (cond+uncond in one batch)
+    assert 2 in calls  # block 2 is the middle block's transformer
+
+
+def test_start_and_end_limit_the_steps_that_use_the_adapter(host):
+    adapter = load(host, "other.safetensors")
+    embeds = encode(host, adapter)
+    calls, handles = count_adapter_calls(adapter)
+    try:
+        sample(apply(host, adapter, embeds, start_at=0.5, end_at=1.0), host["clip"], steps=4)
+    finally:
+        for h in handles:
+            h.remove()
+    num_blocks = len(TINY_SD15_LAYOUT.block_channels)
+    assert 0 < len(calls) < 4 * num_blocks and len(calls) % num_blocks == 0
+
+
+def test_batch_of_several_latents(host):
+    adapter = load(host, "other.safetensors")
+    out = sample(apply(host, adapter, encode(host, adapter)), host["clip"], batch=3)
+    assert out.shape == (3, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_weights_for_another_unet_are_refused_naming_both(host):
+    adapter = load(host, "wrong-base.safetensors")
+    with pytest.raises(Exception, match=r"wrong-base.safetensors is for custom \(context 768, 2 transformer blocks\), but the model is SD15 \(context 768, 7"):
+        apply(host, adapter, encode(host, adapter))
+
+
+def test_id_embeds_from_other_weights_are_refused(host):
+    tiny, other = load(host, "tiny.safetensors"), load(host, "other.safetensors")
+    with pytest.raises(Exception, match="encoded with 'other.safetensors', not with 'tiny.safetensors'"):
+        apply(host, tiny, encode(host, other))
+
+
+def test_identity_prompt_replaces_the_trigger_token_input_embedding(host):
+    nodes, clip = host["nodes"], host["clip"]
+    adapter = load(host, "tiny.safetensors")
+    embeds = encode(host, adapter)
+    cond = nodes.IdentityPrompt.execute(clip, adapter, embeds, "a photo", "").result[0][0][0]
+    plain = clip.encode_from_tokens_scheduled(clip.tokenize("a photo, man is sks"))[0][0]
+    tokens = clip.tokenize("a photo, man is sks")["l"][0]
+    trigger = [i for i, t in enumerate(tokens) if t[0] == 48136]
+    assert len(trigger) == 1
+    i = trigger[0]
+    # CLIP's text transformer is causal: positions before the trigger are untouched, the trigger's changes
+    assert torch.equal(cond[:, :i], plain[:, :i])
+    assert (cond[:, i] - plain[:, i]).abs().max() > 1e-4
+
+
+def test_identity_prompt_refuses_a_clip_of_another_model(host):
+    adapter = load(host, "h-clip.safetensors")
+    embeds = encode(host, adapter)
+    with pytest.raises(Exception, match=r"trained for the text encoder\(s\) \['h'\].*this CLIP has \['l'\]"):
+        host["nodes"].IdentityPrompt.execute(host["clip"], adapter, embeds, "a photo", "")
+
+
+def test_save_and_load_id_embeds(host):
+    import folder_paths
+
+    nodes = host["nodes"]
+    adapter = load(host, "tiny.safetensors")
+    embeds = encode(host, adapter)
+    path = nodes.SaveIDEmbeds.execute(embeds, "alice").result[0]
+    assert path.startswith(folder_paths.get_output_directory())
+    assert "alice.safetensors" in nodes.saved_embeds()
+    loaded = nodes.LoadIDEmbeds.execute("alice.safetensors").result[0]
+    assert torch.equal(loaded.reference_tokens, embeds.reference_tokens)
+    assert torch.equal(sample(apply(host, adapter, loaded), host["clip"]), sample(apply(host, adapter, embeds), host["clip"]))
+
+
+@pytest.mark.parametrize("name", ["../escape", "sub/alice", "..\\x", "/abs", "C:evil", "", ".."])
+def test_save_name_must_stay_in_the_output_folder(host, name):
+    adapter = load(host, "tiny.safetensors")
+    with pytest.raises(Exception, match="not a plain file name"):
+        host["nodes"].SaveIDEmbeds.execute(encode(host, adapter), name)
+
+
+def test_patch_object_follows_the_model_patch_protocol(host):
+    adapter = load(host, "tiny.safetensors")
+    patched = apply(host, adapter, encode(host, adapter))
+    patch = patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
+    assert patch.to(torch.float16) is patch and patch.to(torch.device("cpu")) is patch
+    assert patch.models() == [adapter.patcher]
+    patch.cleanup()
