@@ -213,3 +213,51 @@ def test_patch_object_follows_the_model_patch_protocol(host):
     assert patch.to(torch.float16) is patch and patch.to(torch.device("cpu")) is patch
     assert patch.models() == [adapter.patcher]
     patch.cleanup()
+
+
+def test_parity_with_the_diffusers_binding(host):
+    """Same weights, same inputs: the UNet output through ComfyUI's middle_patch equals the diffusers binding's."""
+    import comfy.model_management
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    from idadapter_core import load_idadapter
+    from idadapter_core.diffusers_binding import DiffusersIDAdapter
+
+    model = host["model"]
+    comfy.model_management.load_models_gpu([model])  # the plain weights (an earlier sampled clone may be loaded)
+    comfy_unet = model.model.diffusion_model
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    diffusers_unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    comfy_sd = comfy_unet.state_dict()
+    missing, unexpected = diffusers_unet.load_state_dict({d: comfy_sd[c] for d, c in mapping.items() if c in comfy_sd}, strict=False)
+    assert not missing and not unexpected
+
+    adapter = load(host, "tiny.safetensors")  # open gates and non-zero cross-attention K/V deltas
+    embeds = encode(host, adapter)
+    patched = apply(host, adapter, embeds)
+    g = torch.Generator().manual_seed(5)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([600.0, 600.0])
+
+    with torch.no_grad():
+        bare_comfy = comfy_unet(x, t, context, transformer_options={})
+    comfy.model_management.load_models_gpu([patched])  # applies the K/V weight patches
+    options = {"patches": patched.model_options["transformer_options"]["patches"]}
+    with torch.no_grad():
+        ours = comfy_unet(x, t, context, transformer_options=options)
+    comfy.model_management.load_models_gpu([model])
+
+    reference = load_idadapter(host["root"] / "idadapter" / "tiny.safetensors", model_layout=adapter.config.layout)
+    with torch.no_grad(), DiffusersIDAdapter(diffusers_unet, reference) as binding:
+        binding.set_identity(embeds.reference_tokens)
+        theirs = diffusers_unet(x, t, encoder_hidden_states=context).sample
+    bare_diffusers = diffusers_unet(x, t, encoder_hidden_states=context).sample
+
+    assert (ours - bare_comfy).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(bare_comfy, bare_diffusers, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
