@@ -1,10 +1,11 @@
 """ComfyUI nodes of the pack (V3 schema). Thin: each node routes tensors into `idadapter_core`."""
 from comfy_api.latest import ComfyExtension, io
 
+from .evaluation_nodes import FaceSimilarity
 from .face_nodes import FACE_NODES
 from .idadapter_nodes import IDADAPTER_NODES
 
 
 class IDAdapterExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*FACE_NODES, *IDADAPTER_NODES]
+        return [*FACE_NODES, *IDADAPTER_NODES, FaceSimilarity]

@@ -1,0 +1,210 @@
+"""The pack inside a running ComfyUI server: it loads, every node is listed, the shipped workflows validate,
+the SD1.5 graph runs end to end on random-weight models, and bad inputs fail one prompt, not the server.
+Needs COMFYUI_PATH and the real face assets in ../shared (skipped otherwise)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_fixtures import randomize_, tiny_adapter_config, write_adapter, write_tiny_sd15_checkpoint
+from conftest import REPO_ROOT, comfyui_path_or_skip, shared_assets_or_skip
+from idadapter_core.presets import UNetLayout
+
+pytestmark = pytest.mark.comfyui
+
+PACK_NODES = {
+    "IDAdapterLoadInsightFace", "IDAdapterExtractFaceFeatures", "IDAdapterLoader", "IDAdapterEncodeIdentity",
+    "IDAdapterApply", "IDAdapterIdentityPrompt", "IDAdapterSaveIDEmbeds", "IDAdapterLoadIDEmbeds",
+    "IDAdapterFaceSimilarity",
+}
+
+
+def write_vitl_clip_vision(path: Path) -> None:
+    """A random-weight CLIP ViT-L/14 in the layout ComfyUI's Load CLIP Vision detects (the smallest it accepts)."""
+    import comfy.clip_vision
+
+    config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json"
+    model = randomize_(comfy.clip_vision.ClipVisionModel(str(config)).model, 3)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(comfy_pack, tmp_path_factory):
+    assets = shared_assets_or_skip()
+    comfy_root = comfyui_path_or_skip()
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = base / "models"
+    for folder in ("checkpoints", "clip_vision", "idadapter", "insightface/models"):
+        (models / folder).mkdir(parents=True)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-IDAdapter").symlink_to(REPO_ROOT, target_is_directory=True)
+    (models / "insightface/models/standin_scrfd_mbf128").symlink_to(assets / "insightface/models/standin_scrfd_mbf128")
+    (base / "input").mkdir()
+    shutil.copy(assets / "faces/obama.jpg", base / "input/face.jpg")
+    from PIL import Image
+
+    Image.new("RGB", (256, 256), (120, 120, 120)).save(base / "input/noface.png")
+    write_tiny_sd15_checkpoint(models / "checkpoints/tiny-sd15.safetensors")
+    write_vitl_clip_vision(models / "clip_vision/vitl.safetensors")
+    write_adapter(models / "idadapter/tiny.safetensors", tiny_adapter_config(), kv_scale=0.02)
+    write_adapter(models / "idadapter/wrong-base.safetensors",
+                  tiny_adapter_config(UNetLayout("custom", (320, 640), (8, 8), 768, {"l": 768})))
+    data = (models / "idadapter/tiny.safetensors").read_bytes()
+    (models / "idadapter/corrupt.safetensors").write_bytes(data[: len(data) // 2])
+
+    port = free_port()
+    log_path = base / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
+            cwd=comfy_root, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                get(url, "/object_info/KSampler")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        else:
+            pytest.fail(f"ComfyUI did not start:\n{log_path.read_text()[-3000:]}")
+        yield dict(url=url, base=base, log=log_path)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def get(url: str, path: str):
+    with urllib.request.urlopen(url + path, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def run_prompt(server, prompt: dict, timeout: float = 600) -> dict:
+    body = json.dumps({"prompt": prompt, "client_id": "idadapter-tests"}).encode()
+    request = urllib.request.Request(server["url"] + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            prompt_id = json.loads(response.read())["prompt_id"]
+    except urllib.error.HTTPError as err:
+        return {"rejected": json.loads(err.read())}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = get(server["url"], f"/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+            if history[prompt_id]["status"]["status_str"] in ("success", "error"):
+                return history[prompt_id]
+        time.sleep(0.5)
+    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def error_message(result: dict) -> str:
+    for kind, data in result["status"]["messages"]:
+        if kind == "execution_error":
+            return data["exception_message"]
+    return ""
+
+
+def sd15_prompt(**overrides) -> dict:
+    """The shipped SD1.5 API workflow, pointed at the test's tiny models."""
+    prompt = json.loads((REPO_ROOT / "workflows/api/idadapter_sd15.json").read_text())
+    values = {
+        "CheckpointLoaderSimple": {"ckpt_name": "tiny-sd15.safetensors"},
+        "LoadImage": {"image": "face.jpg"},
+        "IDAdapterLoadInsightFace": {"model_name": "standin_scrfd_mbf128"},
+        "CLIPVisionLoader": {"clip_name": "vitl.safetensors"},
+        "IDAdapterExtractFaceFeatures": {"num_refs": 2},
+        "IDAdapterLoader": {"adapter_name": "tiny.safetensors"},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+    }
+    for node_type, changes in overrides.items():
+        values.setdefault(node_type, {}).update(changes)
+    for node in prompt.values():
+        node["inputs"].update(values.get(node["class_type"], {}))
+    return prompt
+
+
+def test_pack_loads_and_lists_every_node(server):
+    log = server["log"].read_text()
+    assert "IMPORT FAILED" not in log, log[-3000:]
+    info = get(server["url"], "/object_info")
+    assert PACK_NODES <= info.keys()
+    for node_id in PACK_NODES:
+        assert info[node_id]["category"] == "IDAdapter"
+        for section in info[node_id]["input"].values():
+            for name, spec in section.items():
+                if isinstance(spec, list) and len(spec) > 1 and isinstance(spec[1], dict):
+                    assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+@pytest.mark.parametrize("name", ["idadapter_sd15", "idadapter_sdxl"])
+def test_shipped_workflows_match_the_node_definitions(server, name):
+    info = get(server["url"], "/object_info")
+    api = json.loads((REPO_ROOT / f"workflows/api/{name}.json").read_text())
+    for node_id, node in api.items():
+        definition = info[node["class_type"]]
+        known = {n for section in definition["input"].values() for n in section}
+        assert set(node["inputs"]) <= known, (node_id, set(node["inputs"]) - known)
+        required = set(definition["input"].get("required", {}))
+        assert required <= set(node["inputs"]), (node_id, required - set(node["inputs"]))
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                source = api[value[0]]
+                assert value[1] < len(info[source["class_type"]]["output"])
+    ui = json.loads((REPO_ROOT / f"workflows/{name}.json").read_text())
+    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+    for node in ui["nodes"]:
+        definition = info[node["type"]]
+        for slot in node["inputs"]:
+            assert slot["name"] in {n for section in definition["input"].values() for n in section}
+        assert [o["type"] for o in node["outputs"]] == definition["output"]
+
+
+def test_full_graph_runs_and_saves_an_image(server):
+    result = run_prompt(server, sd15_prompt())
+    assert result.get("status", {}).get("status_str") == "success", result
+    images = result["outputs"]["14"]["images"]
+    assert (server["base"] / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
+    assert result["outputs"]["15"]["images"]  # the aligned-face preview
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"IDAdapterLoader": {"adapter_name": "wrong-base.safetensors"}}, "but the model is SD15"),
+    ({"IDAdapterLoader": {"adapter_name": "corrupt.safetensors"}}, "truncated"),
+    ({"LoadImage": {"image": "noface.png"}}, "no usable face"),
+])
+def test_bad_inputs_fail_the_prompt_with_a_clear_message_and_the_server_lives_on(server, overrides, expected):
+    result = run_prompt(server, sd15_prompt(**overrides))
+    assert result["status"]["status_str"] == "error"
+    assert expected in error_message(result), error_message(result)
+    assert "IDAdapterApply" in get(server["url"], "/object_info/IDAdapterApply")
+
+
+def test_save_name_leaving_the_output_folder_is_refused(server):
+    prompt = sd15_prompt()
+    prompt["90"] = {"class_type": "IDAdapterSaveIDEmbeds", "inputs": {"id_embeds": ["7", 0], "name": "../../escape"}}
+    result = run_prompt(server, prompt)
+    assert result["status"]["status_str"] == "error"
+    assert "not a plain file name" in error_message(result)
+    assert not any(p.name.startswith("escape") for p in server["base"].rglob("*"))
