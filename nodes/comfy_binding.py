@@ -66,9 +66,8 @@ class ComfyUNetBlocks:
     """State-dict prefix of each transformer block, in forward order."""
 
 
-def describe_unet(model) -> ComfyUNetBlocks:
-    """Walk the MODEL's UNet once: its transformer blocks in the order ComfyUI runs them."""
-    diffusion_model = model.get_model_object("diffusion_model")
+def describe_unet(diffusion_model, model_name: str = "model") -> ComfyUNetBlocks:
+    """Walk a ComfyUI UNet once: its transformer blocks in the order it runs them."""
     stages = getattr(diffusion_model, "input_blocks", None)
     if stages is None:
         raise IncompatibleWeightsError(
@@ -90,7 +89,7 @@ def describe_unet(model) -> ComfyUNetBlocks:
     if not block_names:
         raise IncompatibleWeightsError("this model has no transformer blocks to apply IDAdapter to")
     layout = UNetLayout("model", tuple(channels), tuple(heads), context_dim)
-    base = guess_base(layout) or type(model.model.model_config).__name__
+    base = guess_base(layout) or model_name
     layout = UNetLayout(base, layout.block_channels, layout.block_heads, context_dim)
     return ComfyUNetBlocks(layout, tuple(first_block), tuple(block_names))
 
@@ -150,7 +149,7 @@ class IDAdapterPatch:
 def apply_idadapter(model, adapter: LoadedIDAdapter, embeds: IdentityEmbeds, weight: float, start_at: float, end_at: float):
     """A clone of MODEL carrying the adapter patch and the cross-attention K/V weight patches."""
     embeds.check_made_by(adapter.fingerprint, adapter.name)
-    blocks = describe_unet(model)
+    blocks = describe_unet(model.get_model_object("diffusion_model"), type(model.model.model_config).__name__)
     check_layout(adapter.config, blocks.layout, adapter.name)
     model_sampling = model.get_model_object("model_sampling")
     patch = IDAdapterPatch(

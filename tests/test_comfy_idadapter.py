@@ -261,3 +261,64 @@ def test_parity_with_the_diffusers_binding(host):
     assert (ours - bare_comfy).abs().max() > 1e-3  # the adapter does something
     torch.testing.assert_close(bare_comfy, bare_diffusers, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+# An SDXL-like UNet (linear projections, two transformer layers per block at the second level and in the middle),
+# so transformer_index (per SpatialTransformer) and block_index (depth inside one) both matter.
+DEEP_UNET = dict(
+    image_size=32, in_channels=4, model_channels=64, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),
+    num_head_channels=32, use_spatial_transformer=True, transformer_depth=[1, 2], transformer_depth_middle=2,
+    transformer_depth_output=[1, 1, 2, 2], context_dim=96, use_linear_in_transformer=True,
+)
+DEEP_LAYOUT = UNetLayout("custom", (64, 128, 128, 128, 128, 128, 128, 128, 128, 64, 64), (2,) + (4,) * 8 + (2, 2), 96, {"l": 96})
+
+
+def test_deep_blocks_run_in_forward_order_and_match_diffusers(comfy_pack, tmp_path):
+    import comfy.ops
+    import comfy.utils
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from diffusers import UNet2DConditionModel
+
+    from comfy_fixtures import randomize_
+    from idadapter_core import load_idadapter
+    from idadapter_core.diffusers_binding import DiffusersIDAdapter
+
+    binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
+    comfy_unet = randomize_(UNetModel(**DEEP_UNET, operations=comfy.ops.disable_weight_init), 7).eval()
+    blocks = binding.describe_unet(comfy_unet)
+    assert blocks.layout.same_shape_as(DEEP_LAYOUT)
+    assert blocks.first_block == (0, 1, 3, 5, 7, 9, 10)  # 7 SpatialTransformers, depths 1,2,2,2,2,1,1
+    path = tmp_path / "deep.safetensors"
+    write_adapter(path, tiny_adapter_config(DEEP_LAYOUT))
+    adapter = binding.load_idadapter_for_comfy(str(path), "deep.safetensors")
+    embeds = encode({"nodes": importlib.import_module("comfyui_idadapter.nodes.idadapter_nodes")}, adapter)
+    patch = binding.IDAdapterPatch(adapter, embeds, 1.0, float("inf"), 0.0, blocks.first_block)
+
+    calls, handles = count_adapter_calls(adapter)
+    g = torch.Generator().manual_seed(11)
+    x, context, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 96, generator=g), torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        ours = comfy_unet(x, t, context, transformer_options={"patches": {"middle_patch": [patch]}})
+        bare = comfy_unet(x, t, context, transformer_options={})
+    for h in handles:
+        h.remove()
+    assert calls == list(range(DEEP_LAYOUT.num_blocks))
+
+    mapping = comfy.utils.unet_to_diffusers(
+        {"num_res_blocks": [1, 1], "channel_mult": (1, 2), "transformer_depth": [1, 2],
+         "transformer_depth_output": [1, 1, 2, 2], "transformer_depth_middle": 2}
+    )
+    diffusers_unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(64, 128), layers_per_block=1, transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=96,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    comfy_sd = comfy_unet.state_dict()
+    missing, unexpected = diffusers_unet.load_state_dict({d: comfy_sd[c] for d, c in mapping.items() if c in comfy_sd}, strict=False)
+    assert not missing and not unexpected
+    with torch.no_grad(), DiffusersIDAdapter(diffusers_unet, load_idadapter(path, model_layout=DEEP_LAYOUT)) as reference:
+        reference.set_identity(embeds.reference_tokens)
+        theirs = diffusers_unet(x, t, encoder_hidden_states=context).sample
+    assert (ours - bare).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
