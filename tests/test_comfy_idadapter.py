@@ -215,11 +215,25 @@ def test_patch_object_follows_the_model_patch_protocol(host):
     patch.cleanup()
 
 
+def diffusers_twin(comfy_unet, unet_config: dict, **config):
+    """A diffusers UNet2DConditionModel (two cross-attention levels) holding the ComfyUI UNet's weights."""
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    twin = UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **config,
+    ).eval()
+    comfy_sd = comfy_unet.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    missing, unexpected = twin.load_state_dict({d: comfy_sd[c] for d, c in mapping.items() if c in comfy_sd}, strict=False)
+    assert not missing and not unexpected
+    return twin
+
+
 def test_parity_with_the_diffusers_binding(host):
     """Same weights, same inputs: the UNet output through ComfyUI's middle_patch equals the diffusers binding's."""
     import comfy.model_management
-    import comfy.utils
-    from diffusers import UNet2DConditionModel
 
     from idadapter_core import load_idadapter
     from idadapter_core.diffusers_binding import DiffusersIDAdapter
@@ -227,15 +241,10 @@ def test_parity_with_the_diffusers_binding(host):
     model = host["model"]
     comfy.model_management.load_models_gpu([model])  # the plain weights (an earlier sampled clone may be loaded)
     comfy_unet = model.model.diffusion_model
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    diffusers_unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
-    comfy_sd = comfy_unet.state_dict()
-    missing, unexpected = diffusers_unet.load_state_dict({d: comfy_sd[c] for d, c in mapping.items() if c in comfy_sd}, strict=False)
-    assert not missing and not unexpected
+    diffusers_unet = diffusers_twin(
+        comfy_unet, model.model.model_config.unet_config,
+        block_out_channels=(320, 640), cross_attention_dim=768, attention_head_dim=8,
+    )
 
     adapter = load(host, "tiny.safetensors")  # open gates and non-zero cross-attention K/V deltas
     embeds = encode(host, adapter)
@@ -275,9 +284,7 @@ DEEP_LAYOUT = UNetLayout("custom", (64, 128, 128, 128, 128, 128, 128, 128, 128, 
 
 def test_deep_blocks_run_in_forward_order_and_match_diffusers(comfy_pack, tmp_path):
     import comfy.ops
-    import comfy.utils
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from diffusers import UNet2DConditionModel
 
     from comfy_fixtures import randomize_
     from idadapter_core import load_idadapter
@@ -304,19 +311,10 @@ def test_deep_blocks_run_in_forward_order_and_match_diffusers(comfy_pack, tmp_pa
         h.remove()
     assert calls == list(range(DEEP_LAYOUT.num_blocks))
 
-    mapping = comfy.utils.unet_to_diffusers(
-        {"num_res_blocks": [1, 1], "channel_mult": (1, 2), "transformer_depth": [1, 2],
-         "transformer_depth_output": [1, 1, 2, 2], "transformer_depth_middle": 2}
-    )
-    diffusers_unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(64, 128), layers_per_block=1, transformer_layers_per_block=(1, 2),
+    diffusers_unet = diffusers_twin(
+        comfy_unet, DEEP_UNET, block_out_channels=(64, 128), transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=96,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
-    comfy_sd = comfy_unet.state_dict()
-    missing, unexpected = diffusers_unet.load_state_dict({d: comfy_sd[c] for d, c in mapping.items() if c in comfy_sd}, strict=False)
-    assert not missing and not unexpected
+    )
     with torch.no_grad(), DiffusersIDAdapter(diffusers_unet, load_idadapter(path, model_layout=DEEP_LAYOUT)) as reference:
         reference.set_identity(embeds.reference_tokens)
         theirs = diffusers_unet(x, t, encoder_hidden_states=context).sample
