@@ -108,6 +108,8 @@ class IDAdapterPatch:
         self.sigma_end = sigma_end
         self.first_block = first_block
         self._reference_kv: dict[tuple, list[ReferenceKV]] = {}
+        self._step_sigmas: torch.Tensor | None = None
+        self._step_active = False
 
     def __call__(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
         if not self._active(extra_options.get("sigmas")):
@@ -122,8 +124,10 @@ class IDAdapterPatch:
             return False
         if sigmas is None:
             return True
-        sigma = float(sigmas.detach().max())
-        return self.sigma_end <= sigma <= self.sigma_start
+        if sigmas is not self._step_sigmas:  # read the sigma once per step, not in every block (a device sync)
+            sigma = float(sigmas.detach().max())
+            self._step_sigmas, self._step_active = sigmas, self.sigma_end <= sigma <= self.sigma_start
+        return self._step_active
 
     def _references(self, x: torch.Tensor) -> list[ReferenceKV]:
         """E_r's per-block K/V, computed once per device and dtype (E_r is constant during sampling)."""
@@ -144,6 +148,7 @@ class IDAdapterPatch:
 
     def cleanup(self) -> None:
         self._reference_kv.clear()
+        self._step_sigmas = None
 
 
 def apply_idadapter(model, adapter: LoadedIDAdapter, embeds: IdentityEmbeds, weight: float, start_at: float, end_at: float):
