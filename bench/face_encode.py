@@ -1,0 +1,428 @@
+"""What one reference costs in Extract Face Features on CPU: detect, align, ArcFace, CLIP, and each stage's share.
+
+Models: architecture-faithful, random weights (no real weights can be had offline), built here in torch:
+  * detector: SCRFD-10G with keypoints (ResNetV1e BasicBlock stages (3, 4, 2, 3) x [56, 88, 88, 224], deep stem,
+    PAFPN to 56 channels on strides 8/16/32, per-stride heads of 3 stacked 3x3 convs of 80 channels, 2 anchors),
+    exported to ONNX in insightface's 9-output layout and loaded through insightface's FaceAnalysis and router;
+  * recognizer: ArcFace IResNet-100 (stages (3, 13, 30, 3), 112x112 -> 512), same route;
+  * CLIP: OpenCLIP ViT-H/14's layout as transformers' CLIPVisionModelWithProjection (32 layers, width 1280,
+    224 px, 256 patches, projection 1024), through the core's `clip_encoder_from_transformers`.
+The random detector finds no faces (its score head is biased off, so its NMS has nothing to do, as with a real
+photo of one face); the detection stage times one detection at the chosen size, and alignment runs on fixed
+landmarks placed in the photo (insightface's own t1.jpg). ArcFace runs once per reference, CLIP once per
+reference in one batch of N (N distinct images, or augmented copies); N references replicated from one photo
+(the paper's inference) are also timed end to end, where each stage runs once. Each stage is timed `repeats`
+times after a warm-up; the fastest run is reported (other processes only add time), with the
+load average, since the machine may be shared.
+Where ../shared/assets exists the real stand-in SCRFD-2.5G detector is timed too (one face found), for scale.
+
+Caching: with COMFYUI_PATH set and ComfyUI's python, the graph Load InsightFace -> Extract Face Features ->
+Preview Image (stand-in pack from ../shared, a ViT-H/14-layout ComfyUI CLIP_VISION, obama.jpg through Load Image)
+runs twice in ComfyUI's own PromptExecutor: the second run's time and the nodes it executed are printed.
+
+Run: `.venv/bin/python bench/face_encode.py [--quick] [--refs N] [--json PATH]`;
+     `COMFYUI_PATH=/path/to/ComfyUI <ComfyUI python> bench/face_encode.py` adds the cache measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+from idadapter_core.face import (  # noqa: E402
+    DetectedFace, FaceAnalyzer, align_reference, arcface_embeddings, clip_encoder_from_transformers, clip_features, load_face_analyzer,
+    load_image, to_rgb_uint8,
+)
+
+log = logging.getLogger("face_encode")
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], np.float32
+)
+VIT_H_14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
+                patch_size=14, projection_dim=1024, hidden_act="gelu")
+
+
+# ---- SCRFD-10G ------------------------------------------------------------------------------------------------
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        # ResNetV1e "avg_down" shortcut: average-pool, then 1x1 conv
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity(),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class SCRFD10G(nn.Module):
+    """insightface's scrfd_10g_bnkps: outputs scores x3, box distances x3, keypoints x3 (strides 8, 16, 32)."""
+
+    strides = (8, 16, 32)
+
+    def __init__(self, blocks=(3, 4, 2, 3), planes=(56, 88, 88, 224), base=56, neck=56, feat=80, anchors=2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn_relu(3, base // 2, 2), conv_bn_relu(base // 2, base // 2),
+                                  conv_bn_relu(base // 2, base), nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], base
+        for index, (count, cout) in enumerate(zip(blocks, planes)):
+            stride = 1 if index == 0 else 2
+            stages.append(nn.Sequential(*(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(count))))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        levels = planes[1:]  # PAFPN start_level=1: strides 8, 16, 32
+        self.lateral = nn.ModuleList(nn.Conv2d(c, neck, 1) for c in levels)
+        self.fpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in levels)
+        self.downsample = nn.ModuleList(nn.Conv2d(neck, neck, 3, 2, 1) for _ in levels[1:])
+        self.pafpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in levels[1:])
+        self.towers = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(neck, feat), conv_bn_relu(feat, feat), conv_bn_relu(feat, feat)) for _ in self.strides
+        )
+        self.cls = nn.ModuleList(nn.Conv2d(feat, anchors, 3, 1, 1) for _ in self.strides)
+        self.reg = nn.ModuleList(nn.Conv2d(feat, anchors * 4, 3, 1, 1) for _ in self.strides)
+        self.kps = nn.ModuleList(nn.Conv2d(feat, anchors * 10, 3, 1, 1) for _ in self.strides)
+        for cls in self.cls:
+            nn.init.constant_(cls.bias, -20.0)  # random weights: keep every anchor below the threshold
+
+    def forward(self, image: torch.Tensor):
+        x = self.stem(image)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        laterals = [conv(f) for conv, f in zip(self.lateral, features[1:])]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + nn.functional.interpolate(laterals[i], size=laterals[i - 1].shape[2:])
+        outs = [conv(f) for conv, f in zip(self.fpn, laterals)]
+        for i in range(len(outs) - 1):
+            outs[i + 1] = outs[i + 1] + self.downsample[i](outs[i])
+        outs = [outs[0]] + [conv(f) for conv, f in zip(self.pafpn, outs[1:])]
+        scores, boxes, keypoints = [], [], []
+        for level, feature in enumerate(outs):
+            tower = self.towers[level](feature)
+            flat = lambda t, width: t.permute(0, 2, 3, 1).reshape(-1, width)
+            scores.append(torch.sigmoid(flat(self.cls[level](tower), 1)))
+            boxes.append(flat(self.reg[level](tower), 4))
+            keypoints.append(flat(self.kps[level](tower), 10))
+        return (*scores, *boxes, *keypoints)
+
+
+# ---- ArcFace IResNet-100 -------------------------------------------------------------------------------------
+
+class IBasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout),
+            nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+class IResNet100(nn.Module):
+    """insightface's ArcFace backbone iresnet100 (glintr100 / antelopev2): 112x112 RGB -> 512."""
+
+    def __init__(self, layers=(3, 13, 30, 3), widths=(64, 128, 256, 512), embed_dim=512) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        blocks, cin = [], 64
+        for count, cout in zip(layers, widths):
+            blocks += [IBasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(count)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.BatchNorm2d(512), nn.Flatten(), nn.Linear(512 * 7 * 7, embed_dim), nn.BatchNorm1d(embed_dim))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(image)))
+
+
+def gmacs(model: nn.Module, *inputs: torch.Tensor) -> float:
+    """Multiply-accumulates (FlopCounterMode counts 2 FLOPs per MAC), in billions."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops() / 2e9
+
+
+def export_pack(folder: Path) -> dict[str, float]:
+    """`folder/` with the SCRFD-10G and IResNet-100 layouts as ONNX (random weights); returns their GMACs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    detector, recognizer = SCRFD10G().eval(), IResNet100().eval()
+    outputs = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in SCRFD10G.strides]
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+        warnings.simplefilter("ignore")
+        export_onnx(detector, recognizer, folder, outputs)
+    return {"detector @640x640": gmacs(detector, torch.zeros(1, 3, 640, 640)),
+            "detector @640x480 (VGA)": gmacs(detector, torch.zeros(1, 3, 480, 640)),
+            "recognizer": gmacs(recognizer, torch.zeros(1, 3, 112, 112))}
+
+
+def export_onnx(detector: nn.Module, recognizer: nn.Module, folder: Path, outputs: list[str]) -> None:
+    torch.onnx.export(detector, (torch.zeros(1, 3, 640, 640),), str(folder / "scrfd_10g_layout.onnx"),
+                      input_names=["input"], output_names=outputs,
+                      dynamic_axes={"input": {2: "height", 3: "width"}, **{n: {0: f"{n}_rows"} for n in outputs}},
+                      opset_version=17, dynamo=False)
+    torch.onnx.export(recognizer, (torch.zeros(1, 3, 112, 112),), str(folder / "iresnet100_layout.onnx"),
+                      input_names=["data"], output_names=["embedding"], opset_version=17, dynamo=False)
+
+
+def build_clip_vit_h():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_14)).eval()
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` runs: on a shared machine other processes only ever add time."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def fixed_face(image: np.ndarray) -> DetectedFace:
+    """Landmarks of a 300 px face in the middle of the photo (the random detector finds none)."""
+    height, width = image.shape[:2]
+    landmarks = (ARCFACE_TEMPLATE - 56.0) * (300 / 112) + np.array([width / 2, height / 2], np.float32)
+    return DetectedFace(0, np.array([width / 2 - 150, height / 2 - 150, width / 2 + 150, height / 2 + 150], np.float32),
+                        landmarks.astype(np.float32), 1.0, 1, 640)
+
+
+def time_stages(analyzer: FaceAnalyzer, encode_clip, image: np.ndarray, refs: int, repeats: int) -> dict[str, float]:
+    """Seconds per reference for each stage (CLIP: one batch of `refs` crops, divided by `refs`)."""
+    face = fixed_face(image)
+    analyzer.detect(image, analyzer.det_size)  # warm-up: insightface builds its session for this size lazily
+    references = [align_reference(image, face, analyzer.arcface_size) for _ in range(refs)]
+    analyzer.embed(references[0].arcface_crop)
+    clip_features(encode_clip, references)
+    return {
+        "detect": best_seconds(lambda: analyzer.detect(image, analyzer.det_size), repeats),
+        "align (ArcFace + CLIP crops)": best_seconds(lambda: align_reference(image, face, analyzer.arcface_size), repeats),
+        "ArcFace": best_seconds(lambda: analyzer.embed(references[0].arcface_crop), repeats),
+        "CLIP": best_seconds(lambda: clip_features(encode_clip, references), repeats) / refs,
+    }
+
+
+def time_one_photo_replicated(analyzer: FaceAnalyzer, encode_clip, image: np.ndarray, refs: int, repeats: int) -> float:
+    """Seconds for N references made from one photo by replication (the paper's inference): each stage runs once."""
+    face = fixed_face(image)
+
+    def run() -> None:
+        analyzer.detect(image, analyzer.det_size)
+        reference = align_reference(image, face, analyzer.arcface_size)
+        arcface_embeddings(analyzer, [reference] * refs)
+        clip_features(encode_clip, [reference] * refs)
+
+    return best_seconds(run, repeats)
+
+
+def time_real_detector(image: np.ndarray, repeats: int) -> float | None:
+    if not (SHARED_ASSETS / "insightface").is_dir():
+        return None
+    analyzer = load_face_analyzer(SHARED_ASSETS / "insightface", "standin_scrfd_mbf128", det_size=640)
+    found = len(analyzer.detect(image, 640)[0])
+    log.info("stand-in SCRFD-2.5G: %d faces in the photo", found)
+    return best_seconds(lambda: analyzer.detect(image, 640), repeats)
+
+
+# ---- ComfyUI cache --------------------------------------------------------------------------------------------
+
+def load_comfyui_with_pack(comfy_root: str):
+    """ComfyUI from `comfy_root` in CPU mode and this pack imported as a custom-node package."""
+    sys.path.insert(0, comfy_root)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu)
+
+    spec = importlib.util.spec_from_file_location("comfyui_idadapter", REPO_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(REPO_ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_idadapter"] = pack
+    spec.loader.exec_module(pack)
+    return importlib.import_module("comfyui_idadapter.nodes.face_nodes")
+
+
+def comfy_cache_runs(work: Path, runs: int = 2) -> list[dict]:
+    """Run Load InsightFace -> Extract Face Features -> Preview Image `runs` times in ComfyUI's PromptExecutor."""
+    face_nodes = load_comfyui_with_pack(os.environ["COMFYUI_PATH"])
+    import comfy.clip_vision
+    import execution
+    import folder_paths
+    import nodes
+
+    class RandomClipVisionH:
+        """Load CLIP Vision stand-in: ComfyUI's own ViT-H/14 config with random weights (no file exists offline)."""
+
+        CATEGORY, RETURN_TYPES, FUNCTION = "bench", ("CLIP_VISION",), "load"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def load(self):
+            config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json"
+            clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, parameter in clip_vision.model.named_parameters():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02 if parameter.ndim > 1
+                                    else torch.zeros_like(parameter) if name.endswith("bias") else torch.ones_like(parameter))
+            return (clip_vision,)
+
+    (work / "insightface" / "models").mkdir(parents=True)
+    shutil.copytree(SHARED_ASSETS / "insightface" / "models" / "standin_scrfd_mbf128",
+                    work / "insightface" / "models" / "standin_scrfd_mbf128")
+    for folder in ("input", "temp"):
+        (work / folder).mkdir()
+    shutil.copy(SHARED_ASSETS / "faces" / "obama.jpg", work / "input" / "obama.jpg")
+    folder_paths.add_model_folder_path("insightface", str(work / "insightface"), is_default=True)
+    folder_paths.set_input_directory(str(work / "input"))
+    folder_paths.set_temp_directory(str(work / "temp"))
+    nodes.NODE_CLASS_MAPPINGS.update({"IDAdapterLoadInsightFace": face_nodes.LoadInsightFace,
+                                      "IDAdapterExtractFaceFeatures": face_nodes.ExtractFaceFeatures,
+                                      "BenchRandomClipVisionH": RandomClipVisionH})
+    prompt = {
+        "1": {"class_type": "IDAdapterLoadInsightFace",
+              "inputs": {"model_name": "standin_scrfd_mbf128", "provider": "CPU", "det_size": 640}},
+        "2": {"class_type": "BenchRandomClipVisionH", "inputs": {}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
+        "4": {"class_type": "IDAdapterExtractFaceFeatures", "inputs": {
+            "face_analysis": ["1", 0], "clip_vision": ["2", 0], "image": ["3", 0], "num_refs": 4,
+            "fill_mode": "replicate", "face_index": -1, "min_face_size": 64, "seed": 0}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+
+    class Server:
+        client_id, last_node_id, last_prompt_id = None, None, None
+
+        def __init__(self) -> None:
+            self.messages = []
+
+        def send_sync(self, event, data, sid=None) -> None:
+            self.messages.append((event, data))
+
+    server = Server()
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    results = []
+    for run in range(runs):
+        valid, error, outputs, _ = asyncio.run(execution.validate_prompt(f"run{run}", prompt, None))
+        assert valid, error
+        server.messages.clear()
+        start = time.perf_counter()
+        executor.execute(prompt, f"run{run}", {"client_id": "bench"}, outputs)
+        seconds = time.perf_counter() - start
+        assert executor.success, [m for m in server.messages if m[0] == "execution_error"]
+        executed = [d["node"] for e, d in server.messages if e == "executing" and d.get("node")]
+        cached = dict(server.messages)["execution_cached"]["nodes"]
+        results.append({"run": run + 1, "seconds": seconds, "executed": executed, "cached": sorted(cached)})
+    return results
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and references (a smoke run)")
+    parser.add_argument("--refs", type=int, default=None, help="N references in the CLIP batch (default 4; 2 quick)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    options = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    refs = options.refs or (2 if options.quick else 4)
+    repeats = 2 if options.quick else 5
+    import insightface
+
+    photo = to_rgb_uint8(load_image(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"))
+    report: dict = {"cpu_threads": torch.get_num_threads(), "refs": refs, "repeats": repeats,
+                    "load_average": "/".join(f"{v:.1f}" for v in os.getloadavg()),
+                    "image": f"insightface t1.jpg {photo.shape[1]}x{photo.shape[0]}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        report["gmacs"] = export_pack(work / "models" / "bench_scrfd10g_r100")
+        analyzer = load_face_analyzer(work, "bench_scrfd10g_r100", "CPU", det_size=640)
+        clip = build_clip_vit_h()
+        report["gmacs"]["CLIP ViT-H/14"] = gmacs(clip, torch.zeros(1, 3, 224, 224))
+        report["build_seconds"] = time.perf_counter() - start
+        report["embed_dim"] = analyzer.embed_dim
+        encode_clip = clip_encoder_from_transformers(clip)
+        stages = time_stages(analyzer, encode_clip, photo, refs, repeats)
+        report["one_photo_replicated_seconds"] = time_one_photo_replicated(analyzer, encode_clip, photo, refs, repeats)
+        del clip, encode_clip
+        report["stages_seconds_per_ref"] = stages
+        report["real_scrfd_2.5g_detect_seconds"] = time_real_detector(photo, repeats)
+        if os.environ.get("COMFYUI_PATH") and (SHARED_ASSETS / "faces").is_dir():
+            report["comfyui_cache"] = comfy_cache_runs(work / "comfy")
+        else:
+            report["comfyui_cache"] = "not measured: needs COMFYUI_PATH, ComfyUI's python and ../shared/assets"
+
+    total = sum(stages.values())
+    print(f"\nFace features per reference, CPU ({report['cpu_threads']} torch threads), {report['image']}, "
+          f"N = {refs}, best of {repeats}, load average {report['load_average']}")
+    print(f"{'stage':<30}{'model (random weights)':<34}{'GMACs':>8}{'ms/ref':>10}{'share':>8}")
+    rows = [("detect", "SCRFD-10G layout @640", report["gmacs"]["detector @640x640"]),
+            ("align (ArcFace + CLIP crops)", "insightface norm_crop + 224 crop", 0.0),
+            ("ArcFace", "IResNet-100 -> 512", report["gmacs"]["recognizer"]),
+            ("CLIP", "ViT-H/14 (batch of N) -> 256x1280", report["gmacs"]["CLIP ViT-H/14"])]
+    for stage, model, macs in rows:
+        print(f"{stage:<30}{model:<34}{macs:>8.2f}{stages[stage] * 1e3:>10.1f}{stages[stage] / total:>8.1%}")
+    print(f"{'total':<30}{'':<34}{'':>8}{total * 1e3:>10.1f}{1:>8.0%}")
+    print(f"N = {refs} references from one photo by replication (each stage runs once): "
+          f"{report['one_photo_replicated_seconds'] * 1e3:.1f} ms in all")
+    print(f"(SCRFD-10G layout at VGA 640x480: {report['gmacs']['detector @640x480 (VGA)']:.2f} GMACs; "
+          f"ArcFace width read from the recognizer: {report['embed_dim']})")
+    if report["real_scrfd_2.5g_detect_seconds"] is not None:
+        print(f"for scale, the real stand-in SCRFD-2.5G detector @640: {report['real_scrfd_2.5g_detect_seconds'] * 1e3:.1f} ms")
+    cache = report["comfyui_cache"]
+    if isinstance(cache, str):
+        print(f"ComfyUI cache: {cache}")
+    else:
+        print("ComfyUI cache (PromptExecutor, stand-in pack + ViT-H/14-layout CLIP_VISION, obama.jpg, N = 4):")
+        for run in cache:
+            print(f"  run {run['run']}: {run['seconds'] * 1e3:10.1f} ms, executed {run['executed'] or 'nothing'}, "
+                  f"served from cache {run['cached'] or 'nothing'}")
+    if options.json:
+        options.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

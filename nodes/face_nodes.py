@@ -1,0 +1,152 @@
+"""Face nodes: Load InsightFace and Extract Face Features. Thin: the work is in `idadapter_core.face`."""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..idadapter_core.errors import IDAdapterError
+from ..idadapter_core.face import (
+    FACE_MODEL_NAMES, FILL_MODES, ClipEncoder, FaceAnalyzer, available_providers, draw_references,
+    extract_face_features, load_face_analyzer,
+)
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "IDAdapter"
+INSIGHTFACE_FOLDER = "insightface"
+FaceFeaturesType = io.Custom("FACE_FEATURES")
+
+
+def register_insightface_folder() -> None:
+    """`models/insightface`, the folder the IPAdapter, InstantID and PuLID packs load from (so users' existing
+    files work); paths already set for it in extra_model_paths.yaml are kept."""
+    if INSIGHTFACE_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(
+            INSIGHTFACE_FOLDER, os.path.join(folder_paths.models_dir, INSIGHTFACE_FOLDER), is_default=True
+        )
+
+
+register_insightface_folder()
+
+
+def insightface_model_names() -> list[str]:
+    """antelopev2 and buffalo_l first, then any other pack found under `<root>/models/`."""
+    found = set()
+    for root in folder_paths.get_folder_paths(INSIGHTFACE_FOLDER):
+        models = os.path.join(root, "models")
+        if os.path.isdir(models):
+            found.update(entry for entry in os.listdir(models) if os.path.isdir(os.path.join(models, entry)))
+    return [*FACE_MODEL_NAMES, *sorted(found - set(FACE_MODEL_NAMES))]
+
+
+def comfy_clip_encoder(clip_vision) -> ClipEncoder:
+    """ComfyUI's CLIP_VISION as the core's CLIP callable: the 224 crops go in unchanged (crop=False; ComfyUI's
+    clip_preprocess resizes to the model's size and normalises)."""
+
+    def encode(crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = clip_vision.encode_image(crops, crop=False)
+        return output.penultimate_hidden_states, output.image_embeds
+
+    return encode
+
+
+class LoadInsightFace(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDAdapterLoadInsightFace",
+            display_name="Load InsightFace",
+            category=CATEGORY,
+            description="Loads an insightface model pack (face detector + ArcFace recognizer) from "
+                        "models/insightface/models/<name>/. Never downloads.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name", options=insightface_model_names(), default=FACE_MODEL_NAMES[0],
+                    tooltip="The pack folder in models/insightface/models/: antelopev2 or buffalo_l (512-d ArcFace). "
+                            "Use the one the IDAdapter weights were trained with.",
+                ),
+                io.Combo.Input(
+                    "provider", options=available_providers(), default="CPU",
+                    tooltip="onnxruntime device. Only installed providers are listed; a saved workflow naming one "
+                            "that is not installed here runs on CPU with a warning.",
+                ),
+                io.Int.Input(
+                    "det_size", default=640, min=128, max=1280, step=32,
+                    tooltip="Detection input size. When no face is found, smaller sizes are tried too (a face "
+                            "filling the frame is found at a small size, a small face in a big photo needs a large one).",
+                ),
+            ],
+            outputs=[io.FaceAnalysis.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, provider: str) -> bool:
+        # Naming `provider` here turns off ComfyUI's "value not in list" check for it: a workflow saved on a
+        # machine with CUDA must still run here, on CPU (load_face_analyzer warns).
+        return True
+
+    @classmethod
+    def execute(cls, model_name: str, provider: str, det_size: int) -> io.NodeOutput:
+        roots = folder_paths.get_folder_paths(INSIGHTFACE_FOLDER)
+        return io.NodeOutput(load_face_analyzer(roots, model_name, provider, det_size))
+
+
+class ExtractFaceFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDAdapterExtractFaceFeatures",
+            display_name="Extract Face Features",
+            category=CATEGORY,
+            description="Detects and aligns one face per reference image and computes the ArcFace embeddings and "
+                        "CLIP features of N references for Encode Identity. Images without a usable face are "
+                        "skipped with a warning.",
+            inputs=[
+                io.FaceAnalysis.Input("face_analysis", tooltip="From Load InsightFace."),
+                io.ClipVision.Input("clip_vision",
+                                    tooltip="From Load CLIP Vision: the model the IDAdapter weights name (ViT-H-14)."),
+                io.Image.Input("image", tooltip="1 to N reference photos of one person (a batch)."),
+                io.Int.Input("num_refs", default=4, min=1, max=16,
+                             tooltip="N, the number of references the identity is built from (the paper uses 4)."),
+                io.Combo.Input(
+                    "fill_mode", options=list(FILL_MODES), default="replicate",
+                    tooltip="With fewer usable images than N: 'replicate' repeats them (the paper's inference), "
+                            "'augment' adds flipped / rotated / colour-jittered copies (its training augmentation).",
+                ),
+                io.Int.Input("face_index", default=-1, min=-1, max=63, advanced=True,
+                             tooltip="-1 uses the largest face of each image; 0, 1, ... the n-th face from the left."),
+                io.Int.Input("min_face_size", default=64, min=0, max=2048, advanced=True,
+                             tooltip="Faces whose box is smaller than this many pixels are not used."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, advanced=True,
+                             tooltip="Seed of the 'augment' fill mode's random flips, rotations and colours."),
+            ],
+            outputs=[
+                FaceFeaturesType.Output(display_name="FACE_FEATURES"),
+                io.Image.Output(display_name="aligned_faces",
+                                tooltip="The CLIP crops of the N references with landmarks and the ArcFace square drawn."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, face_analysis, clip_vision, image: torch.Tensor, num_refs: int, fill_mode: str,
+                face_index: int, min_face_size: int, seed: int) -> io.NodeOutput:
+        if not isinstance(face_analysis, FaceAnalyzer):
+            raise IDAdapterError(
+                f"face_analysis is a {type(face_analysis).__name__}; connect the output of IDAdapter's Load InsightFace."
+            )
+        progress = comfy.utils.ProgressBar(image.shape[0])
+        features, references = extract_face_features(
+            face_analysis, image, comfy_clip_encoder(clip_vision), num_refs=num_refs, fill_mode=fill_mode,
+            face_index=None if face_index < 0 else face_index, min_face_size=min_face_size, seed=seed,
+            on_progress=lambda done, total: progress.update_absolute(done, total),
+        )
+        preview = torch.from_numpy(draw_references(references)).float() / 255.0
+        return io.NodeOutput(features, preview)
+
+
+FACE_NODES = [LoadInsightFace, ExtractFaceFeatures]

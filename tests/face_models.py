@@ -1,0 +1,111 @@
+"""Tiny ONNX face models in the exact input/output layout insightface routes, exported with torch (no downloads).
+
+`TinySquareDetector` has SCRFD's layout (one image input with dynamic height/width; 9 outputs: scores,
+box distances and 5 keypoints for strides 8, 16, 32 with 2 anchors each), so insightface's `ModelRouter`
+makes it an SCRFD and its own decoding, NMS and detection-size handling run. What it "detects" is made
+for tests: a pure-red square of side 4*stride, centred on a multiple of the stride (in the detector's input
+pixels), is found at exactly that stride, with its box on the square and the 5 landmarks on insightface's
+ArcFace template scaled to the square. So tests place faces of known sizes where they want.
+
+`TinyRecognizer` has ArcFace's layout (static 1x3x112x112 input, one 1xD output) with random weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+STRIDES = (8, 16, 32)
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], np.float32
+)
+# Landmarks in stride units around the anchor: the square's +-2 strides span the 112 px ArcFace frame.
+LANDMARKS_IN_STRIDES = (ARCFACE_TEMPLATE - 56.0) / 28.0
+
+
+class TinySquareDetector(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("box_distances", torch.full((1, 4), 2.0))
+        self.register_buffer("landmark_offsets", torch.from_numpy(LANDMARKS_IN_STRIDES.reshape(1, 10).copy()))
+
+    @staticmethod
+    def window_mean(redness: torch.Tensor, stride: int, window: int) -> torch.Tensor:
+        """Mean redness in a `window` square centred on every anchor (anchors sit at multiples of `stride`)."""
+        half = window // 2
+        padded = nn.functional.pad(redness, (half, half - stride, half, half - stride))
+        return nn.functional.avg_pool2d(padded, window, stride)
+
+    def forward(self, image: torch.Tensor):
+        # insightface feeds (pixel - 127.5) / 128 in RGB order; pure red is (1, -1, -1)
+        redness = torch.clamp((image[:, 0:1] - torch.maximum(image[:, 1:2], image[:, 2:3])) / 1.99, 0.0, 1.0)
+        scores, boxes, landmarks = [], [], []
+        for stride in STRIDES:
+            # centre-surround: the 4-stride window full of red, the 8-stride window around it not
+            inner = self.window_mean(redness, stride, 4 * stride)
+            outer = self.window_mean(redness, stride, 8 * stride)
+            score = torch.sigmoid(30.0 * (inner - outer - 0.6))
+            score = score.permute(0, 2, 3, 1).reshape(-1, 1).repeat(1, 2).reshape(-1, 1)  # 2 anchors per position
+            scores.append(score)
+            boxes.append(score * 0.0 + self.box_distances)
+            landmarks.append(score * 0.0 + self.landmark_offsets)
+        return (*scores, *boxes, *landmarks)
+
+
+class TinyRecognizer(nn.Module):
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=8, stride=8)
+        self.fc = nn.Linear(8 * 14 * 14, embed_dim)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv(image)).flatten(1))
+
+
+def export_detector(path: Path) -> Path:
+    outputs = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in STRIDES]
+    torch.onnx.export(
+        TinySquareDetector().eval(), (torch.zeros(1, 3, 64, 64),), str(path), input_names=["input"], output_names=outputs,
+        dynamic_axes={"input": {2: "height", 3: "width"}, **{name: {0: f"{name}_rows"} for name in outputs}},
+        opset_version=17, dynamo=False,
+    )
+    return path
+
+
+def export_recognizer(path: Path, embed_dim: int = 64, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    torch.onnx.export(
+        TinyRecognizer(embed_dim).eval(), (torch.zeros(1, 3, 112, 112),), str(path), input_names=["data"],
+        output_names=["embedding"], opset_version=17, dynamo=False,
+    )
+    return path
+
+
+def write_model_pack(root: Path, name: str = "tiny_pack", embed_dim: int = 64, detector: bool = True,
+                     recognizer: bool = True) -> Path:
+    """`<root>/models/<name>/` with the tiny detector and/or recognizer, the layout insightface loads."""
+    folder = root / "models" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if detector:
+        export_detector(folder / "det_tiny.onnx")
+    if recognizer:
+        export_recognizer(folder / "rec_tiny.onnx", embed_dim)
+    return folder
+
+
+def square_faces_image(size: tuple[int, int], faces: list[tuple[int, int, int]], background: int = 128,
+                       seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with pure-red squares ("faces") given as (centre x, centre y, side), each with
+    three coloured marks (5% of its area) placed from `seed`, so different seeds give different "people"."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size[1], size[0], 3), background, np.uint8)
+    for cx, cy, side in faces:
+        x0, y0 = cx - side // 2, cy - side // 2
+        image[y0:y0 + side, x0:x0 + side] = (255, 0, 0)
+        mark = side // 8
+        for _ in range(3):
+            mx, my = rng.integers(0, side - mark, size=2)
+            image[y0 + my:y0 + my + mark, x0 + mx:x0 + mx + mark] = rng.integers(0, 256, size=3)
+    return image
