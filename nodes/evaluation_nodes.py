@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..idadapter_core.similarity import identity_similarity
+from .pack_types import CATEGORY
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ class FaceSimilarity(io.ComfyNode):
         return io.Schema(
             node_id="IDAdapterFaceSimilarity",
             display_name="Face Similarity",
-            category="IDAdapter",
+            category=CATEGORY,
             description="ArcFace cosine similarity of each generated image's largest face to the reference face(s), "
                         "the ID-Sim metric of the IDAdapter paper.",
             inputs=[

@@ -14,12 +14,11 @@ from ..idadapter_core.face import (
     FACE_MODEL_NAMES, FILL_MODES, ClipEncoder, FaceAnalyzer, available_providers, draw_references,
     extract_face_features, load_face_analyzer,
 )
+from .pack_types import CATEGORY, FaceFeaturesType
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "IDAdapter"
 INSIGHTFACE_FOLDER = "insightface"
-FaceFeaturesType = io.Custom("FACE_FEATURES")
 
 
 def register_insightface_folder() -> None:

@@ -14,15 +14,11 @@ from .comfy_binding import (
     apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy,
     replace_trigger_tokens, trigger_token_id,
 )
+from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "IDAdapter"
 EMBEDS_FOLDER = "idadapter_embeds"
-
-IDAdapterType = io.Custom("IDADAPTER")
-FaceFeaturesType = io.Custom("FACE_FEATURES")
-IDEmbedsType = io.Custom("ID_EMBEDS")
 
 
 def register_model_folder() -> None:
