@@ -161,3 +161,25 @@ def test_root_package_imports_without_comfyui():
         "assert 'comfy_api' not in sys.modules and 'comfy' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chunked_feed_forward_is_exact_and_trains(monkeypatch):
+    import idadapter_core.adapter as adapter_module
+
+    torch.manual_seed(0)
+    block = GatedSelfAttention(channels=16, context_dim=20, heads=2)
+    with torch.no_grad():
+        block.alpha_attn.fill_(0.5)
+        block.alpha_dense.fill_(0.3)
+    y = torch.randn(2, 1500, 16, requires_grad=True)  # 3000 rows: two chunks
+    with torch.no_grad():
+        ref = block.reference_kv(torch.randn(1, 7, 20))
+    chunked = block(y, ref)
+    chunked.sum().backward()
+    grad_chunked = y.grad.clone()
+    y.grad = None
+    monkeypatch.setattr(adapter_module, "FF_CHUNK_ROWS", 10**9)
+    whole = block(y, ref)
+    whole.sum().backward()
+    assert torch.equal(chunked, whole)
+    torch.testing.assert_close(grad_chunked, y.grad)
