@@ -17,6 +17,7 @@ from .attention import AttentionFn, sdpa_attention
 from .errors import IncompatibleWeightsError
 from .model import IDAdapter
 from .presets import PRESETS, UNetLayout
+from .weights import check_layout
 
 
 def transformer_blocks_in_forward_order(unet: nn.Module) -> list[nn.Module]:
@@ -65,11 +66,7 @@ class DiffusersIDAdapter:
         self.weight = weight
         self.attention = attention
         self._blocks = transformer_blocks_in_forward_order(unet)
-        layout = layout_from_diffusers_unet(unet)
-        if not adapter.config.layout.same_shape_as(layout):
-            raise IncompatibleWeightsError(
-                f"these IDAdapter weights are for {adapter.config.layout.describe()}, but the UNet is {layout.describe()}"
-            )
+        check_layout(adapter.config, layout_from_diffusers_unet(unet), "this IDAdapter")
         for block in self._blocks:
             if getattr(block, "norm_type", "layer_norm") not in ("layer_norm", "layer_norm_i2vgen"):
                 raise IncompatibleWeightsError(f"IDAdapter needs LayerNorm transformer blocks, found norm_type '{block.norm_type}'")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -47,9 +47,6 @@ class IDAdapterConfig:
     @classmethod
     def for_base(cls, base: str, **overrides) -> "IDAdapterConfig":
         return cls(layout=get_preset(base), **overrides)
-
-    def with_layout(self, layout: UNetLayout) -> "IDAdapterConfig":
-        return replace(self, layout=layout)
 
     def check_features(self, clip_patches: torch.Tensor, face_embeds: torch.Tensor, clip_image_embeds: torch.Tensor) -> None:
         """Refuse face features made with other face or CLIP models than these weights were trained with."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -88,9 +88,8 @@ def describe_unet(diffusion_model, model_name: str = "model") -> ComfyUNetBlocks
                 context_dim = block.attn2.to_k.in_features
     if not block_names:
         raise IncompatibleWeightsError("this model has no transformer blocks to apply IDAdapter to")
-    layout = UNetLayout("model", tuple(channels), tuple(heads), context_dim)
-    base = guess_base(layout) or model_name
-    layout = UNetLayout(base, layout.block_channels, layout.block_heads, context_dim)
+    layout = UNetLayout(model_name, tuple(channels), tuple(heads), context_dim)
+    layout = replace(layout, base=guess_base(layout) or model_name)
     return ComfyUNetBlocks(layout, tuple(first_block), tuple(block_names))
 
 
@@ -205,9 +204,9 @@ def trigger_token_id(clip, key: str, trigger_word: str) -> int:
     return ids[0]
 
 
-def identity_tokens_for_clip(clip, adapter: LoadedIDAdapter, embeds: IdentityEmbeds) -> dict[str, torch.Tensor]:
-    """E_c per text-encoder key of this CLIP; a clear error when the weights were trained for other encoders."""
-    keys = set(clip.tokenize("").keys())
+def identity_tokens_for_clip(clip, tokens: dict, adapter: LoadedIDAdapter, embeds: IdentityEmbeds) -> dict[str, torch.Tensor]:
+    """E_c for each text encoder in this CLIP's `tokens`; a clear error when the weights were trained for others."""
+    keys = set(tokens)
     trained = adapter.config.layout.text_widths
     if keys != set(trained):
         raise IncompatibleWeightsError(

@@ -153,12 +153,12 @@ class IdentityPrompt(io.ComfyNode):
     def execute(cls, clip, idadapter, id_embeds, text: str, class_word: str) -> io.NodeOutput:
         id_embeds.check_made_by(idadapter.fingerprint, idadapter.name)
         config = idadapter.config
-        identity_tokens = identity_tokens_for_clip(clip, idadapter, id_embeds)
+        prompt = format_identity_prompt(text, class_word.strip() or config.class_word, config.trigger_word)
+        tokens = clip.tokenize(prompt)
+        identity_tokens = identity_tokens_for_clip(clip, tokens, idadapter, id_embeds)
         if id_embeds.reference_tokens.shape[0] > 1:
             log.warning("IDAdapter: the prompt carries one identity token; using the first of %d identities",
                         id_embeds.reference_tokens.shape[0])
-        prompt = format_identity_prompt(text, class_word.strip() or config.class_word, config.trigger_word)
-        tokens = clip.tokenize(prompt)
         trigger_ids = {key: trigger_token_id(clip, key, config.trigger_word) for key in tokens}
         if not replace_trigger_tokens(tokens, trigger_ids, identity_tokens):
             raise IDAdapterError(f"the trigger word '{config.trigger_word}' was not found in the tokenized prompt")
