@@ -51,9 +51,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 from idadapter_core.face import (  # noqa: E402
-    DetectedFace, FaceAnalyzer, align_reference, arcface_embeddings, clip_encoder_from_transformers, clip_features, load_face_analyzer,
+    DetectedFace, FaceAnalyzer, align_reference, arcface_embeddings, clip_features, load_face_analyzer,
     load_image, to_rgb_uint8,
 )
+from idadapter_core.hosts import clip_encoder_from_transformers  # noqa: E402
 
 log = logging.getLogger("face_encode")
 ARCFACE_TEMPLATE = np.array(
@@ -281,13 +282,24 @@ def load_comfyui_with_pack(comfy_root: str):
     return importlib.import_module("comfyui_idadapter.nodes.face_nodes")
 
 
+def comfyui_module(name: str):
+    """A top-level module of ComfyUI itself (`nodes`, ...), never the pack's folder of the same name: this script
+    appends the repository to sys.path, so the check makes a wrong resolution fail loudly."""
+    module = importlib.import_module(name)
+    comfy_root = Path(os.environ["COMFYUI_PATH"]).resolve()
+    if Path(module.__file__).resolve().parent != comfy_root:
+        raise ImportError(f"'{name}' resolved to {module.__file__}, not ComfyUI's {comfy_root / (name + '.py')}")
+    return module
+
+
 def comfy_cache_runs(work: Path, runs: int = 2) -> list[dict]:
     """Run Load InsightFace -> Extract Face Features -> Preview Image `runs` times in ComfyUI's PromptExecutor."""
     face_nodes = load_comfyui_with_pack(os.environ["COMFYUI_PATH"])
     import comfy.clip_vision
     import execution
     import folder_paths
-    import nodes
+
+    comfy_nodes = comfyui_module("nodes")
 
     class RandomClipVisionH:
         """Load CLIP Vision stand-in: ComfyUI's own ViT-H/14 config with random weights (no file exists offline)."""
@@ -317,7 +329,7 @@ def comfy_cache_runs(work: Path, runs: int = 2) -> list[dict]:
     folder_paths.add_model_folder_path("insightface", str(work / "insightface"), is_default=True)
     folder_paths.set_input_directory(str(work / "input"))
     folder_paths.set_temp_directory(str(work / "temp"))
-    nodes.NODE_CLASS_MAPPINGS.update({"IDAdapterLoadInsightFace": face_nodes.LoadInsightFace,
+    comfy_nodes.NODE_CLASS_MAPPINGS.update({"IDAdapterLoadInsightFace": face_nodes.LoadInsightFace,
                                       "IDAdapterExtractFaceFeatures": face_nodes.ExtractFaceFeatures,
                                       "BenchRandomClipVisionH": RandomClipVisionH})
     prompt = {

@@ -12,7 +12,7 @@ E_r lengths: the paper's (4 references x 256 patches + 1 = 1025 tokens) and a sh
 (b) FLOP floor: `torch.utils.flop_counter` FLOPs (2 x MACs; elementwise ops not counted) of one step with the
     adapter ÷ one without. CPU SDPA is counted with PyTorch's own SDPA formula (the counter has no entry for the
     CPU kernel). Also shown: the floor if E_r's K/V were recomputed every step for every batch item (GLIGEN does).
-(c) per-block: our fast path `block(y, reference_kv)` against `block.forward_concat_reference(y, E_r)` (GLIGEN's
+(c) per-block: our fast path `block(y, reference_kv)` against `gligen_forward(block, y, E_r)` (GLIGEN's
     form: attention over all of [y, E_r], keep y's rows), on the 16 blocks' real token counts, summed over the
     blocks, interleaved, median ratio; plus the fast path recomputing E_r's K/V on every call (which isolates what
     "queries from y only" saves), the FLOP ratio, and the largest difference between the two outputs.
@@ -51,7 +51,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 from idadapter_core import IDAdapter, IDAdapterConfig  # noqa: E402
-from idadapter_core.diffusers_binding import DiffusersIDAdapter, transformer_blocks_in_forward_order  # noqa: E402
+from idadapter_core.hosts import DiffusersIDAdapter, transformer_blocks_in_forward_order  # noqa: E402
+
+from bench.gligen_reference import gligen_forward  # noqa: E402
 
 log = logging.getLogger("step_overhead")
 
@@ -340,7 +342,7 @@ def block_benchmark(adapter: IDAdapter, token_counts: list[int], e_r: torch.Tens
     blocks = list(adapter.blocks)
     ys = [torch.randn(settings.batch, tokens, block.norm1.normalized_shape[0], generator=generator)
           for block, tokens in zip(blocks, token_counts)]
-    kvs = adapter.reference_kv(e_r)
+    kvs = adapter.blocks.reference_kv(e_r)
 
     def ours() -> None:
         for block, y, kv in zip(blocks, ys, kvs):
@@ -352,11 +354,11 @@ def block_benchmark(adapter: IDAdapter, token_counts: list[int], e_r: torch.Tens
 
     def naive() -> None:
         for block, y in zip(blocks, ys):
-            block.forward_concat_reference(y, e_r)
+            gligen_forward(block, y, e_r)
 
     max_abs_diff = max_abs_residual = 0.0
     for block, y, kv in zip(blocks, ys, kvs):
-        reference = block.forward_concat_reference(y, e_r)
+        reference = gligen_forward(block, y, e_r)
         max_abs_diff = max(max_abs_diff, (block(y, kv) - reference).abs().max().item())
         max_abs_residual = max(max_abs_residual, (reference - y).abs().max().item())
     flops = {fn.__name__: instrumented(fn).flops for fn in (ours, ours_recomputing_kv, naive)}

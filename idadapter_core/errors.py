@@ -11,3 +11,15 @@ class WeightsFormatError(IDAdapterError):
 
 class IncompatibleWeightsError(IDAdapterError):
     """The weights were trained for another base model or another configuration."""
+
+
+class NoFaceError(IDAdapterError):
+    """No usable face in any of the reference images."""
+
+
+class FaceModelMissingError(IDAdapterError):
+    """The insightface model folder is missing, incomplete or unreadable."""
+
+
+class ImageFormatError(IDAdapterError):
+    """An image array that cannot be turned into RGB."""

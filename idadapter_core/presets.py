@@ -1,12 +1,16 @@
-"""UNet layouts the adapters are built for.
+"""UNet layouts the adapters are built for, and the one place that decides which base a UNet is.
 
 A layout lists the UNet's transformer blocks in forward order (input/down blocks, middle block,
-output/up blocks; depth inside a block last) — the index both hosts use (DESIGN.md, "Block indexing").
+output/up blocks; depth inside a block last) — the index both hosts and both methods use
+(docs/DESIGN.md, "Block indexing"). Each host walks its own UNet and names it with `identify_layout`;
+weights are checked against a model with `check_layout`.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+
+from .errors import IncompatibleWeightsError
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,53 @@ def get_preset(base: str) -> UNetLayout:
         raise KeyError(f"unknown base model '{base}'; known bases: {', '.join(PRESETS)}") from None
 
 
-def guess_base(layout: UNetLayout) -> str | None:
-    """Name of the preset with the same block shapes, if any (sd21 and sd21-v share one)."""
-    for name, preset in PRESETS.items():
-        if preset.same_shape_as(layout):
-            return name
-    return None
+def match_preset(layout: UNetLayout, prediction: str | None = None) -> UNetLayout | None:
+    """The preset with the same block shapes as `layout`, if any. sd21 and sd21-v share their shapes: the one
+    whose prediction type is `prediction` wins, else the first."""
+    matches = [preset for preset in PRESETS.values() if preset.same_shape_as(layout)]
+    if not matches:
+        return None
+    return next((preset for preset in matches if preset.prediction == prediction), matches[0])
+
+
+def identify_layout(
+    block_channels: tuple[int, ...], block_heads: tuple[int, ...], context_dim: int, *,
+    prediction: str | None = None, text_widths: dict[str, int] | None = None, unknown_base: str = "custom",
+) -> UNetLayout:
+    """The layout of a UNet a host has walked: the matching preset, else a layout named `unknown_base` with one
+    text encoder ('l', ComfyUI's key for SD1-style CLIP) as wide as the context unless `text_widths` says otherwise.
+    Both host bindings name their UNets through this, so a UNet is the same base in ComfyUI and in diffusers."""
+    layout = UNetLayout(
+        unknown_base, tuple(block_channels), tuple(block_heads), context_dim,
+        dict(text_widths or {"l": context_dim}), prediction or "epsilon",
+    )
+    return match_preset(layout, prediction) or layout
+
+
+def check_layout(
+    weights_layout: UNetLayout, model_layout: UNetLayout | None, source: str, method: str = "IDAdapter",
+    require_known_base: bool = True,
+) -> None:
+    """Refuse weights whose UNet layout differs from the model's (or, without a model, from their preset).
+    With `require_known_base=False` a base without a preset passes here, to be checked once the model is known.
+    `source` names the weights and `method` the kind of weights in the message."""
+    if model_layout is None:
+        preset = PRESETS.get(weights_layout.base)
+        if preset is None:
+            if not require_known_base:
+                return
+            raise IncompatibleWeightsError(
+                f"{source} is for an unknown base '{weights_layout.base}'; known bases: {', '.join(PRESETS)}. "
+                "Pass the model it is meant for to validate it."
+            )
+        if not preset.same_shape_as(weights_layout):
+            raise IncompatibleWeightsError(
+                f"{source} says base '{weights_layout.base}' but its blocks do not match that preset "
+                f"(file: {weights_layout.describe()}, preset: {preset.describe()})."
+            )
+        return
+    if not weights_layout.same_shape_as(model_layout):
+        raise IncompatibleWeightsError(
+            f"{source} is for {weights_layout.describe()}, but the model is {model_layout.describe()}; "
+            f"use {method} weights trained for {model_layout.base}."
+        )

@@ -1,4 +1,6 @@
-"""Adapter weights: one `.safetensors` file with metadata saying what it is for (DESIGN.md, "weights format").
+"""The weights container every file format of the pack shares: one `.safetensors` file whose metadata says what
+it is for (`format`, `format_version`, ...; docs/DESIGN.md, "Weights format"). Each method's own file formats
+(`idadapter/files.py`, ...) build on `read_weights` / `write_weights` / `check_state_dict`.
 
 Reading never unpickles anything: the header is checked by hand before safetensors parses the file, so a
 pickle, a PyTorch zip checkpoint or a truncated download gets a message that says so. Writes go to a
@@ -18,12 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import IncompatibleWeightsError, WeightsFormatError
-from .model import IDAdapter, IDAdapterConfig, IdentityEmbeds
-from .presets import PRESETS, UNetLayout
+from torch import nn
 
-IDADAPTER_FORMAT = "idadapter"
-EMBEDS_FORMAT = "idadapter-embeds"
+from .errors import IncompatibleWeightsError, WeightsFormatError
+
 FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -105,32 +105,6 @@ def read_weights(path: str | os.PathLike, expected_format: str) -> tuple[dict[st
     return tensors, metadata
 
 
-def idadapter_metadata(config: IDAdapterConfig) -> dict[str, str]:
-    layout = config.layout
-    return {
-        "format": IDADAPTER_FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "base": layout.base,
-        "context_dim": str(layout.context_dim),
-        "block_channels": json.dumps(list(layout.block_channels)),
-        "clip_vision": config.clip_vision,
-        "face_model": config.face_model,
-        "face_embed_dim": str(config.mff.face_dim),
-        "num_ref_tokens": str(config.num_ref_tokens),
-        "num_refs": str(config.num_refs),
-        "class_word": config.class_word,
-        "trigger_word": config.trigger_word,
-        "config": config.to_json(),
-    }
-
-
-def save_idadapter(path: str | os.PathLike, model: IDAdapter, dtype: torch.dtype | None = None) -> None:
-    tensors = model.state_dict()
-    if dtype is not None:
-        tensors = {name: t.to(dtype) for name, t in tensors.items()}
-    write_weights(path, tensors, idadapter_metadata(model.config))
-
-
 def file_fingerprint(path: str | os.PathLike) -> str:
     """SHA-256 of the file (first 16 hex digits): ties ID embeds to the weights that encoded them."""
     digest = hashlib.sha256()
@@ -140,51 +114,9 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_layout(
-    config: IDAdapterConfig, model_layout: UNetLayout | None, source: str, require_known_base: bool = True
-) -> None:
-    """Refuse weights whose UNet layout differs from the model's (or, without a model, from their preset).
-    With `require_known_base=False` a base without a preset passes here, to be checked once the model is known."""
-    weights_layout = config.layout
-    if model_layout is None:
-        preset = PRESETS.get(weights_layout.base)
-        if preset is None:
-            if not require_known_base:
-                return
-            raise IncompatibleWeightsError(
-                f"{source} is for an unknown base '{weights_layout.base}'; known bases: {', '.join(PRESETS)}. "
-                "Pass the model it is meant for to validate it."
-            )
-        if not preset.same_shape_as(weights_layout):
-            raise IncompatibleWeightsError(
-                f"{source} says base '{weights_layout.base}' but its blocks do not match that preset "
-                f"(file: {weights_layout.describe()}, preset: {preset.describe()})."
-            )
-        return
-    if not weights_layout.same_shape_as(model_layout):
-        raise IncompatibleWeightsError(
-            f"{source} is for {weights_layout.describe()}, but the model is {model_layout.describe()}; "
-            f"use IDAdapter weights trained for {model_layout.base}."
-        )
-
-
-def load_idadapter(
-    path: str | os.PathLike, model_layout: UNetLayout | None = None, device=None, dtype=None, operations=None,
-    require_known_base: bool = True,
-) -> IDAdapter:
-    """Load and validate IDAdapter weights; `model_layout` is the UNet they will be applied to, if known."""
-    name = Path(path).name
-    tensors, metadata = read_weights(path, IDADAPTER_FORMAT)
-    try:
-        config = IDAdapterConfig.from_json(metadata["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WeightsFormatError(f"{name} has unreadable configuration metadata ({exc}); export it again.") from None
-    if metadata.get("base") != config.layout.base:
-        raise WeightsFormatError(f"{name} metadata disagrees with itself (base '{metadata.get('base')}' vs '{config.layout.base}').")
-    check_layout(config, model_layout, name, require_known_base)
-    kwargs = {} if operations is None else {"operations": operations}
-    with torch.device("meta"):
-        skeleton = IDAdapter(config, **kwargs)
+def check_state_dict(skeleton: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse tensors that do not fit `skeleton` (a module built from the file's own configuration, usually on the
+    meta device): missing, unexpected or wrongly shaped tensors are named in the message."""
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     missing = sorted(expected.keys() - found.keys())
@@ -198,34 +130,4 @@ def load_idadapter(
             details.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
         if wrong:
             details.append(f"wrong shape for {wrong[0]}: expected {expected[wrong[0]]}, found {found[wrong[0]]}")
-        raise IncompatibleWeightsError(f"{name} does not match its own configuration: {'; '.join(details)}.")
-    model = IDAdapter(config, **kwargs, device="meta")
-    model.load_state_dict(tensors, assign=True)
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
-
-
-def save_identity_embeds(path: str | os.PathLike, embeds: IdentityEmbeds) -> None:
-    tensors = {"reference_tokens": embeds.reference_tokens}
-    tensors.update({f"identity_tokens.{key}": value for key, value in embeds.identity_tokens.items()})
-    metadata = {
-        "format": EMBEDS_FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "adapter_fingerprint": embeds.adapter_fingerprint,
-        "adapter_name": embeds.adapter_name,
-    }
-    write_weights(path, tensors, metadata)
-
-
-def load_identity_embeds(path: str | os.PathLike) -> IdentityEmbeds:
-    tensors, metadata = read_weights(path, EMBEDS_FORMAT)
-    if "reference_tokens" not in tensors:
-        raise WeightsFormatError(f"{Path(path).name} has no reference_tokens tensor; save the ID embeds again.")
-    prefix = "identity_tokens."
-    return IdentityEmbeds(
-        reference_tokens=tensors["reference_tokens"],
-        identity_tokens={name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)},
-        adapter_fingerprint=metadata.get("adapter_fingerprint", ""),
-        adapter_name=metadata.get("adapter_name", ""),
-    )
+        raise IncompatibleWeightsError(f"{source} does not match its own configuration: {'; '.join(details)}.")

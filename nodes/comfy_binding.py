@@ -1,4 +1,4 @@
-"""Routes IDAdapter's core modules into ComfyUI's UNet (DESIGN.md, "ComfyUI binding, the rules").
+"""Routes IDAdapter's core modules into ComfyUI's UNet (docs/DESIGN.md §4.3, "ComfyUI binding").
 
 The adapter runs in the `middle_patch` slot of every `BasicTransformerBlock` (between self- and
 cross-attention, where ComfyUI's own GLIGEN hooks in); the block is found from `transformer_index`
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -21,11 +21,10 @@ import comfy.model_patcher
 import comfy.ops
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
-from ..idadapter_core import IDAdapter, IdentityEmbeds, load_idadapter
-from ..idadapter_core.adapter import ReferenceKV
 from ..idadapter_core.errors import IncompatibleWeightsError
-from ..idadapter_core.presets import UNetLayout, guess_base
-from ..idadapter_core.weights import check_layout, file_fingerprint
+from ..idadapter_core.idadapter import IDAdapter, IdentityEmbeds, ReferenceKV, load_idadapter
+from ..idadapter_core.presets import UNetLayout, check_layout, identify_layout
+from ..idadapter_core.weights import file_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,9 @@ class ComfyUNetBlocks:
     """State-dict prefix of each transformer block, in forward order."""
 
 
-def describe_unet(diffusion_model, model_name: str = "model") -> ComfyUNetBlocks:
-    """Walk a ComfyUI UNet once: its transformer blocks in the order it runs them."""
+def describe_unet(diffusion_model, model_name: str = "model", prediction: str | None = None) -> ComfyUNetBlocks:
+    """Walk a ComfyUI UNet once: its transformer blocks in the order it runs them. `prediction` ('epsilon' or
+    'v_prediction') tells SD2.1 from SD2.1-v, whose blocks are the same."""
     stages = getattr(diffusion_model, "input_blocks", None)
     if stages is None:
         raise IncompatibleWeightsError(
@@ -88,9 +88,14 @@ def describe_unet(diffusion_model, model_name: str = "model") -> ComfyUNetBlocks
                 context_dim = block.attn2.to_k.in_features
     if not block_names:
         raise IncompatibleWeightsError("this model has no transformer blocks to apply IDAdapter to")
-    layout = UNetLayout(model_name, tuple(channels), tuple(heads), context_dim)
-    layout = replace(layout, base=guess_base(layout) or model_name)
+    layout = identify_layout(tuple(channels), tuple(heads), context_dim, prediction=prediction, unknown_base=model_name)
     return ComfyUNetBlocks(layout, tuple(first_block), tuple(block_names))
+
+
+def model_prediction(model) -> str:
+    """The prediction type of a ComfyUI MODEL in diffusers' words (what the presets use)."""
+    model_type = getattr(model.model, "model_type", None)
+    return "v_prediction" if getattr(model_type, "name", "") == "V_PREDICTION" else "epsilon"
 
 
 class IDAdapterPatch:
@@ -133,7 +138,7 @@ class IDAdapterPatch:
         key = (x.device, x.dtype)
         if key not in self._reference_kv:
             with torch.no_grad():
-                self._reference_kv[key] = self.adapter.model.reference_kv(self.reference_tokens.to(x))
+                self._reference_kv[key] = self.adapter.model.blocks.reference_kv(self.reference_tokens.to(x))
         return self._reference_kv[key]
 
     def to(self, device_or_dtype):
@@ -153,8 +158,10 @@ class IDAdapterPatch:
 def apply_idadapter(model, adapter: LoadedIDAdapter, embeds: IdentityEmbeds, weight: float, start_at: float, end_at: float):
     """A clone of MODEL carrying the adapter patch and the cross-attention K/V weight patches."""
     embeds.check_made_by(adapter.fingerprint, adapter.name)
-    blocks = describe_unet(model.get_model_object("diffusion_model"), type(model.model.model_config).__name__)
-    check_layout(adapter.config, blocks.layout, adapter.name)
+    blocks = describe_unet(
+        model.get_model_object("diffusion_model"), type(model.model.model_config).__name__, model_prediction(model)
+    )
+    check_layout(adapter.config.layout, blocks.layout, adapter.name)
     model_sampling = model.get_model_object("model_sampling")
     patch = IDAdapterPatch(
         adapter, embeds, weight,

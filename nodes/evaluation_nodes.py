@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..idadapter_core.similarity import identity_similarity
+from ..idadapter_core.face import as_face_analyzer, identity_similarity
 from .pack_types import CATEGORY
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class FaceSimilarity(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_analysis, reference, generated) -> io.NodeOutput:
-        report = identity_similarity(face_analysis, reference, generated)
+        report = identity_similarity(as_face_analyzer(face_analysis), reference, generated)
         summary = report.summary()
         log.info("%s", summary)
         return io.NodeOutput([0.0 if s is None else s for s in report.scores], summary)

@@ -4,15 +4,18 @@ from __future__ import annotations
 import logging
 import os
 
+from typing import Sequence
+
 import comfy.utils
+import cv2
 import folder_paths
+import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..idadapter_core.errors import IDAdapterError
 from ..idadapter_core.face import (
-    FACE_MODEL_NAMES, FILL_MODES, ClipEncoder, FaceAnalyzer, available_providers, draw_references,
-    extract_face_features, load_face_analyzer,
+    CLIP_CROP_SCALE, FACE_MODEL_NAMES, FILL_MODES, AlignedReference, ClipEncoder, as_face_analyzer,
+    available_providers, extract_face_features, load_face_analyzer,
 )
 from .pack_types import CATEGORY, FaceFeaturesType
 
@@ -52,6 +55,22 @@ def comfy_clip_encoder(clip_vision) -> ClipEncoder:
         return output.penultimate_hidden_states, output.image_embeds
 
     return encode
+
+
+def draw_references(references: Sequence[AlignedReference], arcface_scale: float = CLIP_CROP_SCALE) -> np.ndarray:
+    """(N, 224, 224, 3) uint8: each CLIP crop with its 5 landmarks and the ArcFace crop's square drawn on it."""
+    colours = [(0, 255, 0), (0, 255, 0), (255, 64, 64), (64, 160, 255), (64, 160, 255)]
+    out = []
+    for reference in references:
+        canvas = reference.clip_crop.copy()
+        size = canvas.shape[0]
+        inner = size / arcface_scale
+        corner = int(round((size - inner) / 2))
+        cv2.rectangle(canvas, (corner, corner), (size - 1 - corner, size - 1 - corner), (255, 255, 255), 1)
+        for (x, y), colour in zip(reference.clip_landmarks, colours):
+            cv2.circle(canvas, (int(round(x)), int(round(y))), 3, colour, -1, lineType=cv2.LINE_AA)
+        out.append(canvas)
+    return np.stack(out)
 
 
 class LoadInsightFace(io.ComfyNode):
@@ -134,10 +153,7 @@ class ExtractFaceFeatures(io.ComfyNode):
     @classmethod
     def execute(cls, face_analysis, clip_vision, image: torch.Tensor, num_refs: int, fill_mode: str,
                 face_index: int, min_face_size: int, seed: int) -> io.NodeOutput:
-        if not isinstance(face_analysis, FaceAnalyzer):
-            raise IDAdapterError(
-                f"face_analysis is a {type(face_analysis).__name__}; connect the output of IDAdapter's Load InsightFace."
-            )
+        face_analysis = as_face_analyzer(face_analysis)
         progress = comfy.utils.ProgressBar(image.shape[0])
         features, references = extract_face_features(
             face_analysis, image, comfy_clip_encoder(clip_vision), num_refs=num_refs, fill_mode=fill_mode,

@@ -8,7 +8,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..idadapter_core import format_identity_prompt, load_identity_embeds, save_identity_embeds
+from ..idadapter_core.idadapter import format_identity_prompt, load_identity_embeds, save_identity_embeds
 from ..idadapter_core.errors import IDAdapterError
 from .comfy_binding import (
     apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, tiny_adapter
-from idadapter_core.diffusers_binding import layout_from_diffusers_unet
+from idadapter_core.hosts import layout_from_diffusers_unet
 
 _spec = importlib.util.spec_from_file_location("step_overhead", REPO_ROOT / "bench" / "step_overhead.py")
 bench = importlib.util.module_from_spec(_spec)

@@ -236,7 +236,7 @@ def test_parity_with_the_diffusers_binding(host):
     import comfy.model_management
 
     from idadapter_core import load_idadapter
-    from idadapter_core.diffusers_binding import DiffusersIDAdapter
+    from idadapter_core.hosts import DiffusersIDAdapter
 
     model = host["model"]
     comfy.model_management.load_models_gpu([model])  # the plain weights (an earlier sampled clone may be loaded)
@@ -288,7 +288,7 @@ def test_deep_blocks_run_in_forward_order_and_match_diffusers(comfy_pack, tmp_pa
 
     from comfy_fixtures import randomize_
     from idadapter_core import load_idadapter
-    from idadapter_core.diffusers_binding import DiffusersIDAdapter
+    from idadapter_core.hosts import DiffusersIDAdapter
 
     binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
     comfy_unet = randomize_(UNetModel(**DEEP_UNET, operations=comfy.ops.disable_weight_init), 7).eval()

@@ -9,6 +9,8 @@ from idadapter_core import (
 )
 from idadapter_core.presets import UNetLayout
 
+from bench.gligen_reference import gligen_forward
+
 
 @pytest.mark.parametrize("base,blocks", [("sd15", 16), ("sd21", 16), ("sd21-v", 16), ("sdxl", 70)])
 def test_preset_shapes(base, blocks):
@@ -25,7 +27,7 @@ def test_preset_shapes(base, blocks):
             k: (2, w) for k, w in config.layout.text_widths.items()
         }
         assert len(adapter.blocks) == blocks == len(adapter.cross_kv)
-        refs = adapter.reference_kv(embeds.reference_tokens)
+        refs = adapter.blocks.reference_kv(embeds.reference_tokens)
         for block, channels, ref in zip(adapter.blocks, config.layout.block_channels, refs):
             y = torch.empty(4, 64, channels)  # CFG doubles the batch
             assert block(y, ref).shape == y.shape
@@ -74,7 +76,7 @@ def test_queries_from_visual_tokens_equal_gligen_concat_form():
         block.alpha_dense.fill_(0.3)
     y, e_r = torch.randn(3, 10, 32), torch.randn(1, 7, 20)
     fast = block(y, block.reference_kv(e_r), weight=0.8)
-    reference = block.forward_concat_reference(y, e_r, weight=0.8)
+    reference = gligen_forward(block, y, e_r, weight=0.8)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -164,7 +166,7 @@ def test_root_package_imports_without_comfyui():
 
 
 def test_chunked_feed_forward_is_exact_and_trains(monkeypatch):
-    import idadapter_core.adapter as adapter_module
+    import idadapter_core.idadapter.adapter as adapter_module
 
     torch.manual_seed(0)
     block = GatedSelfAttention(channels=16, context_dim=20, heads=2)

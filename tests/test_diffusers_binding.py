@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny_adapter, tiny_features, tiny_unet_config
 from idadapter_core import IncompatibleWeightsError, splice_identity_token
-from idadapter_core.diffusers_binding import (
+from idadapter_core.hosts import (
     DiffusersIDAdapter, layout_from_diffusers_unet, transformer_blocks_in_forward_order,
 )
 

@@ -15,9 +15,10 @@ from idadapter_core import IDAdapter, MFFConfig
 from idadapter_core.errors import IDAdapterError
 from idadapter_core.face import (
     Augmentation, DetectedFace, FaceFeatures, FaceModelMissingError, NoFaceError, align_reference, arcface_matrix,
-    clip_encoder_from_transformers, detect_face, extract_face_features, find_reference_faces, load_face_analyzer,
+    detect_face, extract_face_features, find_reference_faces, load_face_analyzer,
     load_image, to_rgb_uint8,
 )
+from idadapter_core.hosts import clip_encoder_from_transformers
 from idadapter_core.presets import UNetLayout
 
 # A 320x320 image (detection size 320: no resizing) with three faces, left to right: 32 px, 128 px, 64 px,

@@ -20,7 +20,7 @@ def photo(name):
 
 
 def test_same_person_scores_higher_than_another_person(analyzer):
-    from idadapter_core.similarity import identity_similarity
+    from idadapter_core.face import identity_similarity
 
     report = identity_similarity(analyzer, [photo("obama.jpg")], [photo("obama2.jpg"), photo("biden.jpg"), photo("obama3.jpg")])
     same, other, same2 = report.scores
@@ -30,7 +30,7 @@ def test_same_person_scores_higher_than_another_person(analyzer):
 
 
 def test_image_without_a_face_scores_none(analyzer):
-    from idadapter_core.similarity import identity_similarity
+    from idadapter_core.face import identity_similarity
 
     blank = np.full((256, 256, 3), 127, np.uint8)
     report = identity_similarity(analyzer, [photo("obama.jpg"), photo("obama3.jpg")], [blank, photo("obama2.jpg")])
@@ -40,7 +40,7 @@ def test_image_without_a_face_scores_none(analyzer):
 
 def test_references_without_any_face_are_an_error(analyzer):
     from idadapter_core.face import NoFaceError
-    from idadapter_core.similarity import identity_similarity
+    from idadapter_core.face import identity_similarity
 
     blank = np.zeros((128, 128, 3), np.uint8)
     with pytest.raises(NoFaceError, match="no face found in any reference image"):

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from conftest import tiny_adapter
 from idadapter_core import PRESETS, IncompatibleWeightsError, WeightsFormatError, load_idadapter, save_idadapter
 from idadapter_core.presets import UNetLayout
-from idadapter_core.weights import idadapter_metadata, read_weights, write_weights
+from idadapter_core.idadapter.files import idadapter_metadata
+from idadapter_core.weights import read_weights, write_weights
 
 TINY_LAYOUT = UNetLayout("custom", (16, 32, 32), (4, 4, 4), 24, {"l": 24})
 

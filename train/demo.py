@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig, load_idadapter, save_idadapter, splice_identity_token
-from idadapter_core.diffusers_binding import DiffusersIDAdapter, layout_from_diffusers_unet
+from idadapter_core.hosts import DiffusersIDAdapter, layout_from_diffusers_unet
 
 TRIGGER_ID = 7
 

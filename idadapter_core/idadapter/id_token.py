@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Operations
+from ..attention import Operations
 
 
 class IdentityTokenMLP(nn.Module):

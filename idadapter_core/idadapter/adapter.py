@@ -7,7 +7,7 @@ UNet transformer block (papers.md §4.2, eq. 7):
 This is GLIGEN's GatedSelfAttentionDense (ComfyUI `comfy/gligen.py`) with two changes that do not change
 the result: queries come from the visual tokens only (attending with all rows and keeping the visual ones
 gives the same numbers for more work), and E_r's Linear, LayerNorm and K/V projections are computed once
-per generation (`reference_kv`) because E_r does not change during sampling (PERF-NOTES.md).
+per generation (`reference_kv`) because E_r does not change during sampling (docs/DESIGN.md, "Performance").
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFn, MultiHeadAttention, Operations, sdpa_attention
-from .presets import UNetLayout
+from ..attention import AttentionFn, MultiHeadAttention, Operations, sdpa_attention
+from ..presets import UNetLayout
 
 FF_CHUNK_ROWS = 2048
 """Tokens per feed-forward call; measured on CPU (bench/step_overhead.py): 5 % faster adapter blocks and no extra
@@ -114,15 +114,6 @@ class GatedSelfAttention(nn.Module):
         for start in range(0, rows.shape[0], FF_CHUNK_ROWS):
             out[start : start + FF_CHUNK_ROWS] = self.ff(rows[start : start + FF_CHUNK_ROWS])
         return out.view_as(x)
-
-    def forward_concat_reference(self, y: torch.Tensor, e_r: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-        """GLIGEN's own formulation (attention over all of [y, E_r], then keep y's rows), recomputing E_r's
-        projections. Kept as the reference the tests and the benchmark compare the fast path against."""
-        objs = self.linear(e_r).expand(y.shape[0], -1, -1)
-        visual = y.shape[1]
-        attended = self.attn(self.norm1(torch.cat([y, objs], dim=1)))[:, :visual]
-        y = y + weight * torch.tanh(self.alpha_attn) * attended
-        return y + weight * torch.tanh(self.alpha_dense) * self.ff(self.norm2(y))
 
 
 class IDAdapterBlocks(nn.ModuleList):

@@ -12,39 +12,12 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .adapter import ReferenceKV, WeightDelta
-from .attention import AttentionFn, sdpa_attention
-from .errors import IncompatibleWeightsError
-from .model import IDAdapter
-from .presets import PRESETS, UNetLayout
-from .weights import check_layout
-
-
-def transformer_blocks_in_forward_order(unet: nn.Module) -> list[nn.Module]:
-    """Every BasicTransformerBlock in the order the UNet runs them: down blocks, middle block, up blocks."""
-    stages = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    blocks = []
-    for stage in stages:
-        for transformer in getattr(stage, "attentions", None) or []:
-            blocks.extend(transformer.transformer_blocks)
-    return blocks
-
-
-def layout_from_diffusers_unet(unet: nn.Module, text_widths: dict[str, int] | None = None) -> UNetLayout:
-    """The UNet's layout; named after the preset it matches, else 'custom' with one text encoder ('l',
-    ComfyUI's key for SD1-style CLIP) as wide as the cross-attention context unless `text_widths` says otherwise."""
-    blocks = transformer_blocks_in_forward_order(unet)
-    if not blocks:
-        raise IncompatibleWeightsError("this UNet has no transformer blocks to attach IDAdapter to")
-    channels = tuple(block.attn1.to_q.in_features for block in blocks)
-    heads = tuple(block.attn1.heads for block in blocks)
-    context_dim = blocks[0].attn2.to_k.in_features
-    layout = UNetLayout("custom", channels, heads, context_dim, dict(text_widths or {"l": context_dim}))
-    matches = [preset for preset in PRESETS.values() if preset.same_shape_as(layout)]
-    if not matches:
-        return layout
-    prediction = getattr(getattr(unet, "config", None), "prediction_type", None)
-    return next((preset for preset in matches if preset.prediction == prediction), matches[0])
+from ..attention import AttentionFn, sdpa_attention
+from ..errors import IncompatibleWeightsError
+from ..idadapter.adapter import ReferenceKV, WeightDelta
+from ..idadapter.model import IDAdapter
+from ..presets import check_layout
+from .diffusers_unet import layout_from_diffusers_unet, transformer_blocks_in_forward_order
 
 
 class _AddWeightDelta(nn.Module):
@@ -66,7 +39,7 @@ class DiffusersIDAdapter:
         self.weight = weight
         self.attention = attention
         self._blocks = transformer_blocks_in_forward_order(unet)
-        check_layout(adapter.config, layout_from_diffusers_unet(unet), "this IDAdapter")
+        check_layout(adapter.config.layout, layout_from_diffusers_unet(unet), "this IDAdapter")
         for block in self._blocks:
             if getattr(block, "norm_type", "layer_norm") not in ("layer_norm", "layer_norm_i2vgen"):
                 raise IncompatibleWeightsError(f"IDAdapter needs LayerNorm transformer blocks, found norm_type '{block.norm_type}'")
@@ -101,7 +74,7 @@ class DiffusersIDAdapter:
 
     def set_identity(self, reference_tokens) -> None:
         """E_r (B, T, D) for the following UNet calls; its per-block K/V are computed here, once."""
-        self._references = None if reference_tokens is None else self.adapter.reference_kv(reference_tokens)
+        self._references = None if reference_tokens is None else self.adapter.blocks.reference_kv(reference_tokens)
 
     def __enter__(self) -> "DiffusersIDAdapter":
         return self

@@ -8,7 +8,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .face import FaceAnalyzer, NoFaceError, align_reference, as_image_list, detect_face, to_rgb_uint8
+from ..errors import NoFaceError
+from .alignment import align_reference
+from .detection import detect_face
+from .images import as_image_list, to_rgb_uint8
+from .models import FaceAnalyzer
 
 
 @dataclass

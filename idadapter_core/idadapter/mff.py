@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .attention import MultiHeadAttention, Operations
+from ..attention import MultiHeadAttention, Operations
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .adapter import CrossAttentionKV, IDAdapterBlocks, ReferenceKV
-from .attention import Operations
-from .errors import IncompatibleWeightsError
+from ..attention import Operations
+from ..errors import IncompatibleWeightsError
+from ..presets import UNetLayout, get_preset
+from .adapter import CrossAttentionKV, IDAdapterBlocks
 from .id_token import IdentityTokenMLP
 from .mff import MFFConfig, MixedFacialFeatures
-from .presets import UNetLayout, get_preset
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,6 @@ class IDAdapter(nn.Module):
         """(B, N, P, clip_dim), (B, N, face_dim), (B, N, clip_embed_dim) -> E_r and E_c."""
         self.config.check_features(clip_patches, face_embeds, clip_image_embeds)
         return IdentityEmbeds(self.mff(clip_patches, face_embeds), self.id_token(clip_image_embeds))
-
-    def reference_kv(self, reference_tokens: torch.Tensor) -> list[ReferenceKV]:
-        return self.blocks.reference_kv(reference_tokens)
 
 
 def count_trainable_parameters(config: IDAdapterConfig) -> dict[str, int]:

@@ -1,0 +1,121 @@
+"""One face per reference image: detection with fallback sizes, the largest (or n-th from the left) face, a minimum
+size, and the reasons an image is skipped."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ImageFormatError, NoFaceError
+from .images import as_image_list, to_rgb_uint8
+from .models import FaceAnalyzer
+
+log = logging.getLogger(__name__)
+
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (images done, images in all) after each reference image."""
+
+
+@dataclass
+class DetectedFace:
+    source_index: int
+    """Position of the image in the input sequence."""
+    box: np.ndarray
+    """(4,) x1, y1, x2, y2 in image pixels."""
+    landmarks: np.ndarray
+    """(5, 2) eyes, nose tip, mouth corners, in image pixels (insightface order)."""
+    score: float
+    faces_in_image: int
+    det_size: int
+    """The detection size that found it."""
+
+    @property
+    def size(self) -> float:
+        """The shorter side of the box, in pixels."""
+        return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+
+def detect_face(
+    analyzer: FaceAnalyzer,
+    image_rgb: np.ndarray,
+    source_index: int,
+    face_index: int | None = None,
+    min_face_size: int = 64,
+) -> DetectedFace | str:
+    """The chosen face of one image, or why there is none (a sentence).
+
+    `face_index` None keeps the largest face; 0, 1, ... counts faces from the left. Detection sizes below the
+    analyzer's are tried in turn until a face is found."""
+    for det_size in analyzer.detection_sizes():
+        boxes, landmarks = analyzer.detect(image_rgb, det_size)
+        if len(boxes):
+            break
+    else:
+        sizes = ", ".join(str(s) for s in analyzer.detection_sizes())
+        return f"no face found (detection sizes {sizes} tried)"
+    if face_index is None:
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        chosen = int(np.argmax(areas))
+    else:
+        left_to_right = np.argsort((boxes[:, 0] + boxes[:, 2]) / 2, kind="stable")
+        if face_index >= len(boxes):
+            return f"face {face_index} asked for, but only {len(boxes)} face(s) found (counted from 0, left to right)"
+        chosen = int(left_to_right[face_index])
+    face = DetectedFace(
+        source_index=source_index,
+        box=boxes[chosen, :4].astype(np.float32),
+        landmarks=landmarks[chosen].astype(np.float32),
+        score=float(boxes[chosen, 4]),
+        faces_in_image=len(boxes),
+        det_size=det_size,
+    )
+    if face.size < min_face_size:
+        return f"face too small ({face.size:.0f} px, minimum {min_face_size} px); use a larger or closer photo"
+    return face
+
+
+def find_reference_faces(
+    analyzer: FaceAnalyzer,
+    images: torch.Tensor | np.ndarray | Sequence,
+    face_index: int | None = None,
+    min_face_size: int = 64,
+    image_names: Sequence[str] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> tuple[list[DetectedFace], list[np.ndarray], dict[int, str]]:
+    """Detect one face per image. Returns the faces found, every image as RGB uint8, and the skipped images'
+    indices with the reason. An image without a usable face is skipped with a warning naming it; only when no
+    image is usable, `NoFaceError` lists them all."""
+    images = as_image_list(images)
+    names = list(image_names) if image_names is not None else [f"image {i + 1}/{len(images)}" for i in range(len(images))]
+    faces: list[DetectedFace] = []
+    rgb_images: list[np.ndarray] = []
+    skipped: dict[int, str] = {}
+    for index, image in enumerate(images):
+        try:
+            rgb = to_rgb_uint8(image)
+        except ImageFormatError as err:
+            rgb, result = None, str(err)
+        else:
+            result = detect_face(analyzer, rgb, index, face_index, min_face_size)
+        rgb_images.append(rgb)
+        if isinstance(result, DetectedFace):
+            faces.append(result)
+            if result.faces_in_image > 1:
+                which = "the largest" if face_index is None else f"face {face_index} from the left"
+                log.info("Face features: %s has %d faces; using %s", names[index], result.faces_in_image, which)
+        else:
+            skipped[index] = result
+            log.warning("Face features: skipping reference %s: %s", names[index], result)
+        if on_progress is not None:
+            on_progress(index + 1, len(images))
+    if not faces:
+        details = "; ".join(f"{names[i]}: {reason}" for i, reason in skipped.items()) or "no images were given"
+        raise NoFaceError(
+            f"no usable face in any reference image ({details}). Try another detection size in Load InsightFace "
+            "(smaller for close-up crops, larger for small faces in big photos), or crop the images closer to the face."
+        )
+    return faces, rgb_images, skipped

@@ -1,0 +1,93 @@
+"""IDAdapter's two file formats, on the shared safetensors container (`idadapter_core/weights.py`): the adapter
+weights (`format: idadapter`) and a saved identity (`format: idadapter-embeds`); docs/DESIGN.md, "Weights format"."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import WeightsFormatError
+from ..presets import UNetLayout, check_layout
+from ..weights import FORMAT_VERSION, check_state_dict, read_weights, write_weights
+from .model import IDAdapter, IDAdapterConfig, IdentityEmbeds
+
+IDADAPTER_FORMAT = "idadapter"
+EMBEDS_FORMAT = "idadapter-embeds"
+
+
+def idadapter_metadata(config: IDAdapterConfig) -> dict[str, str]:
+    layout = config.layout
+    return {
+        "format": IDADAPTER_FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "base": layout.base,
+        "context_dim": str(layout.context_dim),
+        "block_channels": json.dumps(list(layout.block_channels)),
+        "clip_vision": config.clip_vision,
+        "face_model": config.face_model,
+        "face_embed_dim": str(config.mff.face_dim),
+        "num_ref_tokens": str(config.num_ref_tokens),
+        "num_refs": str(config.num_refs),
+        "class_word": config.class_word,
+        "trigger_word": config.trigger_word,
+        "config": config.to_json(),
+    }
+
+
+def save_idadapter(path: str | os.PathLike, model: IDAdapter, dtype: torch.dtype | None = None) -> None:
+    tensors = model.state_dict()
+    if dtype is not None:
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    write_weights(path, tensors, idadapter_metadata(model.config))
+
+
+def load_idadapter(
+    path: str | os.PathLike, model_layout: UNetLayout | None = None, device=None, dtype=None, operations=None,
+    require_known_base: bool = True,
+) -> IDAdapter:
+    """Load and validate IDAdapter weights; `model_layout` is the UNet they will be applied to, if known."""
+    name = Path(path).name
+    tensors, metadata = read_weights(path, IDADAPTER_FORMAT)
+    try:
+        config = IDAdapterConfig.from_json(metadata["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsFormatError(f"{name} has unreadable configuration metadata ({exc}); export it again.") from None
+    if metadata.get("base") != config.layout.base:
+        raise WeightsFormatError(f"{name} metadata disagrees with itself (base '{metadata.get('base')}' vs '{config.layout.base}').")
+    check_layout(config.layout, model_layout, name, require_known_base=require_known_base)
+    kwargs = {} if operations is None else {"operations": operations}
+    with torch.device("meta"):
+        skeleton = IDAdapter(config, **kwargs)
+    check_state_dict(skeleton, tensors, name)
+    model = IDAdapter(config, **kwargs, device="meta")
+    model.load_state_dict(tensors, assign=True)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def save_identity_embeds(path: str | os.PathLike, embeds: IdentityEmbeds) -> None:
+    tensors = {"reference_tokens": embeds.reference_tokens}
+    tensors.update({f"identity_tokens.{key}": value for key, value in embeds.identity_tokens.items()})
+    metadata = {
+        "format": EMBEDS_FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "adapter_fingerprint": embeds.adapter_fingerprint,
+        "adapter_name": embeds.adapter_name,
+    }
+    write_weights(path, tensors, metadata)
+
+
+def load_identity_embeds(path: str | os.PathLike) -> IdentityEmbeds:
+    tensors, metadata = read_weights(path, EMBEDS_FORMAT)
+    if "reference_tokens" not in tensors:
+        raise WeightsFormatError(f"{Path(path).name} has no reference_tokens tensor; save the ID embeds again.")
+    prefix = "identity_tokens."
+    return IdentityEmbeds(
+        reference_tokens=tensors["reference_tokens"],
+        identity_tokens={name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)},
+        adapter_fingerprint=metadata.get("adapter_fingerprint", ""),
+        adapter_name=metadata.get("adapter_name", ""),
+    )
