@@ -185,3 +185,16 @@ def test_chunked_feed_forward_is_exact_and_trains(monkeypatch):
     whole.sum().backward()
     assert torch.equal(chunked, whole)
     torch.testing.assert_close(grad_chunked, y.grad)
+
+
+def test_one_place_names_a_unet_for_both_hosts():
+    """sd21 and sd21-v share their blocks: the prediction type tells them apart; an unknown UNet is named as asked."""
+    from idadapter_core import identify_layout, match_preset
+
+    sd21 = PRESETS["sd21"]
+    args = (sd21.block_channels, sd21.block_heads, sd21.context_dim)
+    assert identify_layout(*args) is sd21
+    assert identify_layout(*args, prediction="v_prediction") is PRESETS["sd21-v"]
+    assert match_preset(PRESETS["sdxl"]) is PRESETS["sdxl"]
+    custom = identify_layout((32, 64), (2, 4), 48, unknown_base="TinyModel")
+    assert (custom.base, custom.text_widths, custom.prediction) == ("TinyModel", {"l": 48}, "epsilon")

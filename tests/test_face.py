@@ -407,3 +407,24 @@ def test_provider_not_installed_falls_back_to_cpu(pack_root, caplog):
 def test_detection_size_must_suit_scrfd(pack_root):
     with pytest.raises(IDAdapterError, match="multiple of 32"):
         load_face_analyzer(pack_root, "tiny_pack", det_size=300)
+
+
+def test_another_packs_insightface_model_is_accepted_and_anything_else_refused(analyzer):
+    """ComfyUI's FACE_ANALYSIS socket is shared: an insightface FaceAnalysis prepared by another pack works like
+    ours, and what is not one is refused with a message instead of an AttributeError."""
+    from types import SimpleNamespace
+
+    from idadapter_core.face import as_face_analyzer
+
+    assert as_face_analyzer(analyzer) is analyzer
+    wrapped = as_face_analyzer(analyzer.app)
+    assert wrapped.name == analyzer.model_dir.name and wrapped.embed_dim == analyzer.embed_dim == 64
+    image = square_faces_image((320, 320), ONE_FACE)
+    ours, theirs = (detect_face(a, image, 0) for a in (analyzer, wrapped))
+    np.testing.assert_array_equal(ours.landmarks, theirs.landmarks)
+    crop = align_reference(image, ours).arcface_crop
+    np.testing.assert_array_equal(analyzer.embed(crop), wrapped.embed(crop))
+    with pytest.raises(IDAdapterError, match="not an insightface model"):
+        as_face_analyzer(object())
+    with pytest.raises(IDAdapterError, match="no recognition model"):
+        as_face_analyzer(SimpleNamespace(models={"detection": analyzer.detector}))

@@ -1,12 +1,12 @@
-"""Face analysis of reference images, shared by both methods and the trainer (papers.md §1.3, §4.1).
+"""Face analysis of reference images, shared by both methods and the trainer (docs/DESIGN.md §2.2).
 
 Per reference image: detect with the model pack's SCRFD detector (trying smaller detection sizes when nothing is
 found), keep one face (the largest by default), align it with insightface's `norm_crop` template for ArcFace
 (112x112) and with a wider square crop on the same landmarks for CLIP (224x224), then ArcFace and CLIP features.
 The ArcFace width is read from the recognizer (512 for antelopev2/buffalo_l, 128 for the test stand-in), never
-assumed. Fewer than N usable images are filled up to N by replication (the paper's inference, §1.3) or by flip /
-rotation / colour augmentation (its training augmentation, §1.3 and §4.5). Runs without ComfyUI: the CLIP vision
-model is a callable (`ClipEncoder`) the host supplies.
+assumed. Fewer than N usable images are filled up to N by replication (the paper's inference, IDAdapter §4.1)
+or by flip / rotation / colour augmentation (its training augmentation, §3.3). Runs without ComfyUI: the CLIP
+vision model is a callable (`ClipEncoder`) the host supplies.
 
     models.py      model pack folders, providers, loading (FaceAnalyzer)
     images.py      anything image-like -> RGB uint8

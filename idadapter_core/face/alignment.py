@@ -1,5 +1,5 @@
 """Aligned crops of a detected face: insightface's ArcFace template (112x112) and a wider square crop on the same
-landmarks for CLIP (224x224), and filling up to N references by replication or augmentation (papers.md §1.3)."""
+landmarks for CLIP (224x224), and filling up to N references by replication or augmentation (docs/DESIGN.md §2.2)."""
 from __future__ import annotations
 
 import logging
@@ -25,7 +25,7 @@ FILL_MODES = ("replicate", "augment")
 
 @dataclass(frozen=True)
 class Augmentation:
-    """One training-style augmentation of a reference (papers.md §1.3: flipping, rotating, colour)."""
+    """One training-style augmentation of a reference (docs/DESIGN.md §2.2: flipping, rotating, colour)."""
 
     flip: bool
     angle: float
@@ -136,7 +136,7 @@ def align_references(
     clip_crop_size: int = CLIP_CROP_SIZE,
     clip_crop_scale: float = CLIP_CROP_SCALE,
 ) -> list[AlignedReference]:
-    """Exactly `num_refs` aligned references from the K faces found (papers.md §1.3).
+    """Exactly `num_refs` aligned references from the K faces found (docs/DESIGN.md §2.2).
 
     The first min(K, N) are the faces themselves; the rest cycle through them, copied as they are
     ("replicate", the paper's inference: one image duplicated N times) or with a random flip, rotation and

@@ -1,5 +1,5 @@
 """The features of N references that the MFF encoder reads: ArcFace embeddings and CLIP patch tokens and image
-embeddings (papers.md §4.1). The CLIP vision model is a callable the host supplies (`ClipEncoder`), so this runs
+embeddings (docs/DESIGN.md §2.2). The CLIP vision model is a callable the host supplies (`ClipEncoder`), so this runs
 without ComfyUI."""
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def extract_face_features(
     on_progress: ProgressFn | None = None,
 ) -> tuple[FaceFeatures, list[AlignedReference]]:
     """Detect, align, fill up to `num_refs`, then ArcFace and CLIP: the whole first step of an identity
-    (papers.md §4.1, inputs of the MFF). Returns the features and the aligned references (for previews)."""
+    (docs/DESIGN.md §2.2, inputs of the MFF). Returns the features and the aligned references (for previews)."""
     faces, rgb_images, skipped = find_reference_faces(analyzer, images, face_index, min_face_size, image_names, on_progress)
     references = align_references(rgb_images, faces, num_refs, fill_mode, seed, analyzer.arcface_size,
                                   clip_crop_scale=clip_crop_scale)

@@ -1,4 +1,4 @@
-"""Identity similarity between reference photos and generated images: the paper's ID-Sim (papers.md §1.10),
+"""Identity similarity between reference photos and generated images: the paper's ID-Sim (docs/DESIGN.md §2.8),
 the cosine of ArcFace embeddings of aligned faces, here with whatever recognizer the FaceAnalyzer holds."""
 from __future__ import annotations
 

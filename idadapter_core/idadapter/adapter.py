@@ -1,5 +1,5 @@
 """The visual adapter of IDAdapter: a gated self-attention block between self- and cross-attention of every
-UNet transformer block (papers.md §4.2, eq. 7):
+UNet transformer block (IDAdapter §3.4, eq. 7; docs/DESIGN.md §2.4):
 
     y := y + β·tanh(γ_attn)·S([y, E_r])[:len(y)]
     y := y + β·tanh(γ_ff)·FF(LN(y))
@@ -138,7 +138,7 @@ class WeightDelta(nn.Module):
 
 
 class CrossAttentionKV(nn.Module):
-    """The paper trains W_K and W_V of every cross-attention (papers.md §1.2); we keep them as differences
+    """The paper trains W_K and W_V of every cross-attention (docs/DESIGN.md §2.1); we keep them as differences
     from the training base so they also apply to fine-tuned checkpoints of the same family."""
 
     def __init__(self, channels: int, context_dim: int, device=None, dtype=None) -> None:

@@ -1,4 +1,4 @@
-"""Identity token, P_textual (papers.md §4.3).
+"""Identity token, P_textual (docs/DESIGN.md §2.3).
 
 E_c = P_textual(mean_i f_c(i)) replaces the input embedding of the trigger word ("sks") before the text
 transformer, in a prompt extended with ", <class word> is <trigger word>". The paper says "a multi-layer

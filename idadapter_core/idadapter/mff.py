@@ -1,9 +1,9 @@
-"""Mixed Facial Features encoder, P_visual (papers.md §4.1).
+"""Mixed Facial Features encoder, P_visual (docs/DESIGN.md §2.2).
 
 E_r = P_visual([f_v, f_a]): the CLIP patch tokens of the N references, concatenated along the token
 axis (eq. 3), with the mean ArcFace embedding appended (eq. 4), through two attention blocks (eq. 5).
 The paper gives the structure only; the widths, the input projections, the type/position embeddings
-and pre-LN blocks are our choices (marked [I] in papers.md) and all are constructor parameters.
+and pre-LN blocks are our choices (marked [I] in docs/DESIGN.md §2.2) and all are constructor parameters.
 """
 from __future__ import annotations
 
