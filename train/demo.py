@@ -47,7 +47,7 @@ def build_models(seed: int):
 
 
 def encode_prompt(text_encoder, token_ids: torch.Tensor, identity_token: torch.Tensor) -> torch.Tensor:
-    """Run the text encoder with the trigger token's input embedding replaced by E_c (papers.md §4.3)."""
+    """Run the text encoder with the trigger token's input embedding replaced by E_c (docs/DESIGN.md §2.3)."""
     hook = text_encoder.get_input_embeddings().register_forward_hook(
         lambda module, args, out: splice_identity_token(out, args[0], TRIGGER_ID, identity_token)
     )
