@@ -428,3 +428,8 @@ def test_another_packs_insightface_model_is_accepted_and_anything_else_refused(a
         as_face_analyzer(object())
     with pytest.raises(IDAdapterError, match="no recognition model"):
         as_face_analyzer(SimpleNamespace(models={"detection": analyzer.detector}))
+
+
+def test_extreme_aspect_ratio_is_a_skip_reason_not_a_crash(analyzer):
+    reason = detect_face(analyzer, np.full((3, 4000, 3), 128, np.uint8), 0)
+    assert isinstance(reason, str) and "4000x3 px" in reason

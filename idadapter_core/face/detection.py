@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 
@@ -51,7 +52,11 @@ def detect_face(
     `face_index` None keeps the largest face; 0, 1, ... counts faces from the left. Detection sizes below the
     analyzer's are tried in turn until a face is found."""
     for det_size in analyzer.detection_sizes():
-        boxes, landmarks = analyzer.detect(image_rgb, det_size)
+        try:
+            boxes, landmarks = analyzer.detect(image_rgb, det_size)
+        except cv2.error as err:  # insightface's resize fails on extreme aspect ratios (e.g. 4000x3 px)
+            height, width = image_rgb.shape[:2]
+            return f"face detection failed on this {width}x{height} px image ({str(err).strip().splitlines()[-1]})"
         if len(boxes):
             break
     else:
