@@ -9,6 +9,7 @@ Shared by every method:
     hosts/        diffusers / transformers bindings
 One package per method:
     idadapter/    IDAdapter (arXiv 2403.13535)
+    inv_adapter/  Inv-Adapter (arXiv 2406.02881)
 """
 from .errors import IDAdapterError, IncompatibleWeightsError, WeightsFormatError
 from .hosts import (

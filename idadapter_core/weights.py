@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import IncompatibleWeightsError, WeightsFormatError
+from .presets import UNetLayout, check_layout
 
 FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -131,3 +132,29 @@ def check_state_dict(skeleton: nn.Module, tensors: dict[str, torch.Tensor], sour
         if wrong:
             details.append(f"wrong shape for {wrong[0]}: expected {expected[wrong[0]]}, found {found[wrong[0]]}")
         raise IncompatibleWeightsError(f"{source} does not match its own configuration: {'; '.join(details)}.")
+
+
+def load_adapter(
+    path: str | os.PathLike, file_format: str, config_type, module_type: type[nn.Module], method: str,
+    model_layout: UNetLayout | None = None, device=None, dtype=None, operations=None, require_known_base: bool = True,
+) -> nn.Module:
+    """Read, validate and build an adapter of either method: the file's format and version, its own configuration
+    (`config_type.from_json` of the `config` metadata, with a `layout`), its base against `model_layout` (the UNet it
+    will be applied to, if known) and every tensor against the modules that configuration builds."""
+    name = Path(path).name
+    tensors, metadata = read_weights(path, file_format)
+    try:
+        config = config_type.from_json(metadata["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsFormatError(f"{name} has unreadable configuration metadata ({exc}); export it again.") from None
+    if metadata.get("base") != config.layout.base:
+        raise WeightsFormatError(f"{name} metadata disagrees with itself (base '{metadata.get('base')}' vs '{config.layout.base}').")
+    check_layout(config.layout, model_layout, name, method=method, require_known_base=require_known_base)
+    kwargs = {} if operations is None else {"operations": operations}
+    with torch.device("meta"):
+        model = module_type(config, **kwargs)
+    check_state_dict(model, tensors, name)
+    model.load_state_dict(tensors, assign=True)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsFormatError
-from ..presets import UNetLayout, check_layout
-from ..weights import FORMAT_VERSION, check_state_dict, read_weights, write_weights
+from ..presets import UNetLayout
+from ..weights import FORMAT_VERSION, load_adapter, read_weights, write_weights
 from .model import IDAdapter, IDAdapterConfig, IdentityEmbeds
 
 IDADAPTER_FORMAT = "idadapter"
@@ -48,24 +48,10 @@ def load_idadapter(
     require_known_base: bool = True,
 ) -> IDAdapter:
     """Load and validate IDAdapter weights; `model_layout` is the UNet they will be applied to, if known."""
-    name = Path(path).name
-    tensors, metadata = read_weights(path, IDADAPTER_FORMAT)
-    try:
-        config = IDAdapterConfig.from_json(metadata["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WeightsFormatError(f"{name} has unreadable configuration metadata ({exc}); export it again.") from None
-    if metadata.get("base") != config.layout.base:
-        raise WeightsFormatError(f"{name} metadata disagrees with itself (base '{metadata.get('base')}' vs '{config.layout.base}').")
-    check_layout(config.layout, model_layout, name, require_known_base=require_known_base)
-    kwargs = {} if operations is None else {"operations": operations}
-    with torch.device("meta"):
-        skeleton = IDAdapter(config, **kwargs)
-    check_state_dict(skeleton, tensors, name)
-    model = IDAdapter(config, **kwargs, device="meta")
-    model.load_state_dict(tensors, assign=True)
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
+    return load_adapter(
+        path, IDADAPTER_FORMAT, IDAdapterConfig, IDAdapter, "IDAdapter", model_layout, device, dtype, operations,
+        require_known_base,
+    )
 
 
 def save_identity_embeds(path: str | os.PathLike, embeds: IdentityEmbeds) -> None:

@@ -1,0 +1,96 @@
+"""The Embedded Attention Adapter (EAA) of Inv-Adapter, one per UNet transformer block (docs/DESIGN.md §3.3).
+
+The paper's body is unavailable; this form is our inference from its abstract and figure captions ("extra linear
+layers in self- and cross-attention" fed by diffusion features of the reference, 48 M parameters):
+
+    self-attention   o  = Attn(Q, K, V)                                   the block's own attention
+                     o' = Attn(Q, [K; W'_K F], [V; W'_V F])               reference tokens appended to K/V
+                     out = o + β·tanh(γ)·(o' − o)                         γ learned, 0 at init
+    cross-attention  out = Attn(Q, K_txt, V_txt) + β·Attn(Q, W''_K F, W''_V F)     W''_V zero at init
+
+F is the block's self-attention input norm1(h) recorded in the reference pass; Q, K, V, K_txt, V_txt are the
+frozen block's own projections; β is the node's weight. The gate γ (0 at init) and the zero W''_V make an untrained
+EAA leave the UNet bit-identical, and weight 0 skips both branches. 4·ΣC² parameters: 49.6 M on SD1.5.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import AttentionFn, Operations, sdpa_attention
+from ..presets import UNetLayout
+
+
+@dataclass
+class EAAReferenceKV:
+    """One block's projections of the reference features F, (B_ref, T_ref, C) each."""
+
+    self_key: torch.Tensor
+    self_value: torch.Tensor
+    cross_key: torch.Tensor
+    cross_value: torch.Tensor
+
+    def for_batch(self, batch: int) -> "EAAReferenceKV":
+        """Tile the reference over the generation batch (both CFG halves and every image get the same reference)."""
+        ref_batch = self.self_key.shape[0]
+        if ref_batch == batch:
+            return self
+        if batch % ref_batch:
+            raise ValueError(f"cannot match {ref_batch} reference feature sets to a batch of {batch} latents")
+        repeats = batch // ref_batch
+        return EAAReferenceKV(*(t.repeat(repeats, 1, 1) for t in (self.self_key, self.self_value, self.cross_key, self.cross_value)))
+
+
+class EAABlock(nn.Module):
+    """The EAA of one transformer block of width `channels`."""
+
+    def __init__(self, channels: int, operations: Operations = nn, device=None, dtype=None) -> None:
+        super().__init__()
+        self.self_k = operations.Linear(channels, channels, bias=False, device=device, dtype=dtype)
+        self.self_v = operations.Linear(channels, channels, bias=False, device=device, dtype=dtype)
+        self.cross_k = operations.Linear(channels, channels, bias=False, device=device, dtype=dtype)
+        self.cross_v = operations.Linear(channels, channels, bias=False, device=device, dtype=dtype)
+        self.self_gate = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
+        if device is None or torch.device(device).type != "meta":
+            nn.init.zeros_(self.cross_v.weight)
+
+    def reference_kv(self, features: torch.Tensor) -> EAAReferenceKV:
+        return EAAReferenceKV(self.self_k(features), self.self_v(features), self.cross_k(features), self.cross_v(features))
+
+    def self_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: EAAReferenceKV, heads: int,
+        weight: float = 1.0, attention: AttentionFn = sdpa_attention,
+    ) -> torch.Tensor:
+        """Attention of the block's own q/k/v (already projected), with the reference tokens appended through the gate."""
+        own = attention(q, k, v, heads)
+        if weight == 0:
+            return own
+        mix = weight * torch.tanh(self.self_gate.to(own))  # a closed gate adds an exact 0 (and still trains)
+        ref = ref.for_batch(q.shape[0])
+        both = attention(q, torch.cat([k, ref.self_key.to(k)], dim=1), torch.cat([v, ref.self_value.to(v)], dim=1), heads)
+        return own + mix * (both - own)
+
+    def cross_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: EAAReferenceKV, heads: int,
+        weight: float = 1.0, attention: AttentionFn = sdpa_attention,
+    ) -> torch.Tensor:
+        """The block's text cross-attention plus the decoupled attention over the reference features."""
+        text = attention(q, k, v, heads)
+        if weight == 0:
+            return text
+        ref = ref.for_batch(q.shape[0])
+        return text + weight * attention(q, ref.cross_key.to(q), ref.cross_value.to(q), heads)
+
+
+class EAABlocks(nn.ModuleList):
+    """One EAABlock per UNet transformer block, indexed in forward order (docs/DESIGN.md §5)."""
+
+    def __init__(self, layout: UNetLayout, operations: Operations = nn, device=None, dtype=None) -> None:
+        super().__init__(EAABlock(c, operations, device=device, dtype=dtype) for c in layout.block_channels)
+
+    def reference_kv(self, features: list[torch.Tensor]) -> list[EAAReferenceKV]:
+        if len(features) != len(self):
+            raise ValueError(f"expected reference features of {len(self)} blocks, got {len(features)}")
+        return [block.reference_kv(f) for block, f in zip(self, features)]
