@@ -6,3 +6,5 @@ CATEGORY = "IDAdapter"
 IDAdapterType = io.Custom("IDADAPTER")
 FaceFeaturesType = io.Custom("FACE_FEATURES")
 IDEmbedsType = io.Custom("ID_EMBEDS")
+InvAdapterType = io.Custom("INV_ADAPTER")
+InvReferenceType = io.Custom("INV_REFERENCE")

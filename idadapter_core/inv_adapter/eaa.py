@@ -61,10 +61,11 @@ class EAABlock(nn.Module):
 
     def self_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: EAAReferenceKV, heads: int,
-        weight: float = 1.0, attention: AttentionFn = sdpa_attention,
+        weight: float = 1.0, attention: AttentionFn = sdpa_attention, own_attention: AttentionFn | None = None,
     ) -> torch.Tensor:
-        """Attention of the block's own q/k/v (already projected), with the reference tokens appended through the gate."""
-        own = attention(q, k, v, heads)
+        """Attention of the block's own q/k/v (already projected), with the reference tokens appended through the gate.
+        `own_attention` computes the block's own part where a host chains another patch there (default `attention`)."""
+        own = (own_attention or attention)(q, k, v, heads)
         if weight == 0:
             return own
         mix = weight * torch.tanh(self.self_gate.to(own))  # a closed gate adds an exact 0 (and still trains)
@@ -74,10 +75,10 @@ class EAABlock(nn.Module):
 
     def cross_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: EAAReferenceKV, heads: int,
-        weight: float = 1.0, attention: AttentionFn = sdpa_attention,
+        weight: float = 1.0, attention: AttentionFn = sdpa_attention, own_attention: AttentionFn | None = None,
     ) -> torch.Tensor:
         """The block's text cross-attention plus the decoupled attention over the reference features."""
-        text = attention(q, k, v, heads)
+        text = (own_attention or attention)(q, k, v, heads)
         if weight == 0:
             return text
         ref = ref.for_batch(q.shape[0])

@@ -1,0 +1,258 @@
+"""Routes Inv-Adapter into ComfyUI (docs/DESIGN.md §3, §4.3).
+
+Inversion runs through ComfyUI's own sampling (`comfy.sample.sample_custom` with a sampler that walks the noise
+levels upwards), so model loading, conditioning (SDXL's pooled/size inputs included) and ε/v prediction are
+ComfyUI's; an APPLY_MODEL wrapper captures the null prompt's conditioning on the way. Apply returns a clone with:
+- an APPLY_MODEL wrapper that, at each step inside [start, end], first runs the UNet on the inverted reference at the
+  matching noise level with only a recording `attn1_patch` (the self-attention input of every block), then the
+  real batch;
+- `attn1` and `attn2` replace patches on every transformer block that add the EAA (chaining any replace already set
+  for that block: it still computes the block's own attention).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..idadapter_core.errors import IDAdapterError, IncompatibleWeightsError
+from ..idadapter_core.face import FaceAnalyzer, align_reference, detect_face, to_rgb_uint8
+from ..idadapter_core.inv_adapter import EAAReferenceKV, ReferenceTrajectory, ddim_invert, inversion_sigmas
+from ..idadapter_core.presets import check_layout
+from .comfy_binding import LoadedAdapter, describe_unet, model_prediction
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEY = "idadapter_inv_adapter"
+
+
+def model_key(model) -> str:
+    """Names the UNet a reference was inverted with: its base and a hash of its first convolution's weights (cheap,
+    and different for every checkpoint)."""
+    unet = model.get_model_object("diffusion_model")
+    blocks = describe_unet(unet, type(model.model.model_config).__name__, model_prediction(model))
+    first_conv = unet.input_blocks[0][0].weight.detach().float().cpu().numpy()
+    return f"{blocks.layout.base}:{hashlib.sha256(first_conv.tobytes()).hexdigest()[:12]}"
+
+
+def crop_reference_face(image: torch.Tensor, analyzer: FaceAnalyzer, size: int, scale: float) -> torch.Tensor:
+    """The largest face of each image, aligned on insightface's template and framed `scale` times the ArcFace crop's
+    width, as a (B, size, size, 3) IMAGE."""
+    crops = []
+    for index, single in enumerate(image):
+        rgb = to_rgb_uint8(single)
+        face = detect_face(analyzer, rgb, index, min_face_size=0)
+        if isinstance(face, str):
+            raise IDAdapterError(f"reference image {index + 1}/{len(image)}: {face}. Use a photo with a visible face, or "
+                                 "disconnect face_analysis to invert the whole image.")
+        crop = align_reference(rgb, face, analyzer.arcface_size, clip_crop_size=size, clip_crop_scale=scale).clip_crop
+        crops.append(torch.from_numpy(np.ascontiguousarray(crop)).float() / 255.0)
+    return torch.stack(crops)
+
+
+def invert_reference(model, vae, clip, image: torch.Tensor, steps: int, progress=None) -> ReferenceTrajectory:
+    """DDIM-invert the image (VAE-encoded) with the model and the null prompt ("")."""
+    null = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = vae.encode(image[:, :, :, :3])
+    sigmas = inversion_sigmas(model.get_model_object("model_sampling").sigmas, steps)
+    captured: dict[str, torch.Tensor] = {}
+    trajectory: list[torch.Tensor] = []
+
+    def capture_conditioning(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        if not captured:
+            captured["c_crossattn"] = c_crossattn[:1].detach().to(comfy.model_management.intermediate_device())
+            for name in ("y",):
+                if name in kwargs:
+                    captured[name] = kwargs[name][:1].detach().to(comfy.model_management.intermediate_device())
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        ones = x.new_ones([x.shape[0]])
+
+        def denoise(x, sigma):
+            return model_k(x, sigma * ones, **(extra_args or {}))
+
+        def step(done, total):
+            if progress is not None:
+                progress(done, total)
+
+        points = ddim_invert(denoise, x, sigmas, on_step=step)
+        trajectory.append(points.to(comfy.model_management.intermediate_device()))
+        return points[-1]
+
+    inverting = model.clone()
+    inverting.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, capture_conditioning)
+    comfy.sample.sample_custom(
+        inverting, torch.zeros_like(latent), 1.0, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, null, null, latent,
+        disable_pbar=True,
+    )
+    return ReferenceTrajectory(sigmas, trajectory[0].float(), captured, model_key(model))
+
+
+class StepWindow:
+    """Whether a step is inside [start, end] (as noise levels) with a non-zero weight; the step's sigma is read once
+    per step, not in every block (reading it is a device sync)."""
+
+    def __init__(self, weight: float, sigma_start: float, sigma_end: float) -> None:
+        self.weight = weight
+        self.sigma_start = sigma_start
+        self.sigma_end = sigma_end
+        self._sigmas: torch.Tensor | None = None
+        self._active = False
+
+    def active(self, sigmas: torch.Tensor | None) -> bool:
+        if self.weight == 0:
+            return False
+        if sigmas is None:
+            return True
+        if sigmas is not self._sigmas:
+            sigma = float(sigmas.detach().max())
+            self._sigmas, self._active = sigmas, self.sigma_end <= sigma <= self.sigma_start
+        return self._active
+
+
+@dataclass
+class _Bank:
+    references: list[EAAReferenceKV] | None = None
+    """The EAA's projections of the current step's reference features (None: the EAA is off this step)."""
+
+
+class InvAdapterPatch:
+    """The state shared by the wrapper and the attention replaces of one Apply Inv-Adapter."""
+
+    def __init__(self, adapter: LoadedAdapter, reference: ReferenceTrajectory, window: StepWindow,
+                 first_block: tuple[int, ...], reference_sigma: float | None, cache_features: bool) -> None:
+        self.adapter = adapter
+        self.reference = reference
+        self.window = window
+        self.first_block = first_block
+        self.reference_sigma = reference_sigma
+        self.cache_features = cache_features
+        self.bank = _Bank()
+        self._features: dict[tuple, list[torch.Tensor]] = {}
+        self._recording: dict[int, torch.Tensor] | None = None
+
+    def block_index(self, extra_options: dict) -> int:
+        return self.first_block[extra_options["transformer_index"]] + extra_options.get("block_index", 0)
+
+    def record(self, n, context_attn1, value_attn1, extra_options):
+        """attn1_patch of the reference pass: keep the block's self-attention input."""
+        self._recording[self.block_index(extra_options)] = n
+        return n, context_attn1, value_attn1
+
+    def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        sigmas = transformer_options.get("sigmas", t)
+        if not self.window.active(sigmas):
+            self.bank.references = None
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        features = self._reference_features(executor, x, float(sigmas.detach().max()), transformer_options)
+        with torch.no_grad():
+            self.bank.references = self.adapter.model.blocks.reference_kv(features)
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            self.bank.references = None
+
+    def _reference_features(self, executor, x: torch.Tensor, sigma: float, transformer_options: dict) -> list[torch.Tensor]:
+        reference = self.reference
+        index = reference.index_for(sigma, self.reference_sigma)
+        key = (index, x.device, x.dtype)
+        if key in self._features:
+            return self._features[key]
+        latent = reference.latents[index].to(x)
+        sigma_ref = reference.sigmas[index].to(x).expand(latent.shape[0])
+        conditioning = {name: value.to(x.device) for name, value in reference.conditioning.items()}
+        options = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
+        options.update(patches={"attn1_patch": [self.record]}, sigmas=sigma_ref, cond_or_uncond=[1])
+        self._recording = {}
+        try:
+            with torch.no_grad():
+                executor(latent, sigma_ref, None, conditioning.pop("c_crossattn"), None, options, **conditioning)
+            features = [self._recording[i] for i in range(len(self._recording))]
+        finally:
+            self._recording = None
+        if self.cache_features:
+            self._features[key] = features
+        return features
+
+    def to(self, device_or_dtype):
+        """Cached features stay where the UNet is: moving it elsewhere (offloading) drops those on other devices."""
+        if isinstance(device_or_dtype, torch.device):
+            device = torch.device(device_or_dtype)
+            for key in [k for k in self._features if k[1].type != device.type or (device.index is not None and k[1] != device)]:
+                del self._features[key]
+        return self
+
+    def models(self) -> list:
+        return [self.adapter.patcher]
+
+    def cleanup(self) -> None:
+        self.bank.references = None
+
+
+class EAAAttention:
+    """An attn1 (`cross=False`) or attn2 replace patch adding the EAA to one kind of attention in every block."""
+
+    def __init__(self, patch: InvAdapterPatch, cross: bool, previous: dict | None = None) -> None:
+        self.patch = patch
+        self.cross = cross
+        self.previous = dict(previous or {})
+        """Replace patches that were set for these blocks before ours: they still compute each block's own attention."""
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        attention = functools.partial(optimized_attention, attn_precision=extra_options.get("attn_precision"))
+        key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
+        previous = self.previous.get(key) or self.previous.get(key[:2])
+        own_attention = attention if previous is None else (lambda q, k, v, heads: previous(q, k, v, extra_options))
+        references = self.patch.bank.references
+        if references is None:
+            return own_attention(q, k, v, heads)
+        index = self.patch.block_index(extra_options)
+        block = self.patch.adapter.model.blocks[index]
+        attend = block.cross_attention if self.cross else block.self_attention
+        return attend(q, k, v, references[index], heads, self.patch.window.weight, attention, own_attention)
+
+    def to(self, device_or_dtype):
+        self.patch.to(device_or_dtype)
+        return self
+
+    def models(self) -> list:
+        return self.patch.models()
+
+
+def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTrajectory, weight: float, start_at: float,
+                      end_at: float, reference_timestep: int = -1, cache_features: bool = True):
+    """A clone of MODEL running the reference pass and the EAA; the input MODEL is untouched."""
+    unet = model.get_model_object("diffusion_model")
+    blocks = describe_unet(unet, type(model.model.model_config).__name__, model_prediction(model))
+    check_layout(adapter.config.layout, blocks.layout, adapter.name, method="Inv-Adapter")
+    inverted_with = model_key(model)
+    if reference.model_key != inverted_with:
+        raise IncompatibleWeightsError(
+            f"this reference was inverted with another model ({reference.model_key}) than the one it is applied to "
+            f"({inverted_with}); run Invert Reference with the same MODEL you apply Inv-Adapter to."
+        )
+    model_sampling = model.get_model_object("model_sampling")
+    reference_sigma = None if reference_timestep < 0 else float(model_sampling.sigmas[min(reference_timestep, len(model_sampling.sigmas) - 1)])
+    window = StepWindow(weight, float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
+    patch = InvAdapterPatch(adapter, reference, window, blocks.first_block, reference_sigma, cache_features)
+    patched = model.clone()
+    replaces = patched.model_options["transformer_options"].get("patches_replace", {})
+    self_attention = EAAAttention(patch, cross=False, previous=replaces.get("attn1"))
+    cross_attention = EAAAttention(patch, cross=True, previous=replaces.get("attn2"))
+    for name, number, depth in blocks.replace_keys:
+        patched.set_model_attn1_replace(self_attention, name, number, depth)
+        patched.set_model_attn2_replace(cross_attention, name, number, depth)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, patch.apply_model_wrapper)
+    return patched

@@ -1,0 +1,192 @@
+"""Inv-Adapter nodes inside a real ComfyUI (imported from COMFYUI_PATH; skipped without it)."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_fixtures import TINY_SD15_LAYOUT, write_tiny_sd15_checkpoint
+from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, save_inv_adapter
+from idadapter_core.presets import UNetLayout
+
+pytestmark = pytest.mark.comfyui
+
+
+def write_inv_adapter(path, layout: UNetLayout = TINY_SD15_LAYOUT, seed: int = 0, trained: bool = True) -> InvAdapter:
+    torch.manual_seed(seed)
+    adapter = InvAdapter(InvAdapterConfig(layout))
+    if trained:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for block in adapter.blocks:
+                block.self_gate.fill_(0.7)
+                block.cross_v.weight.copy_(torch.randn(block.cross_v.weight.shape, generator=g) * 0.05)
+    save_inv_adapter(path, adapter)
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def host(comfy_pack, tmp_path_factory):
+    import comfy.sd
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("comfy_inv_models")
+    for folder in ("checkpoints", "inv_adapter"):
+        (root / folder).mkdir()
+        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
+    ckpt = write_tiny_sd15_checkpoint(root / "checkpoints" / "tiny-sd15.safetensors")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), embedding_directory=None)
+    write_inv_adapter(root / "inv_adapter" / "trained.safetensors")
+    write_inv_adapter(root / "inv_adapter" / "untrained.safetensors", trained=False)
+    write_inv_adapter(root / "inv_adapter" / "wrong-base.safetensors", UNetLayout("custom", (320, 640), (8, 8), 768))
+    nodes = importlib.import_module("comfyui_idadapter.nodes.inv_adapter_nodes")
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 64, 64, 3, generator=g)
+    reference = nodes.InvertReference.execute(model, vae, clip, image, 4).result[0]
+    return dict(model=model, clip=clip, vae=vae, nodes=nodes, root=root, image=image, reference=reference)
+
+
+def load(host, name):
+    return host["nodes"].LoadInvAdapter.execute(name).result[0]
+
+
+def apply(host, adapter, weight=1.0, start_at=0.0, end_at=1.0, model=None, reference=None, **options):
+    return host["nodes"].ApplyInvAdapter.execute(
+        model or host["model"], adapter, reference or host["reference"], weight, start_at, end_at, **options
+    ).result[0]
+
+
+def sample(model, clip, seed=0, batch=1, steps=2):
+    import comfy.sample
+
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a man"))
+    uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = torch.zeros(batch, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", cond, uncond, latent, seed=seed)
+
+
+def model_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_inversion_walks_the_noise_levels_up_and_keeps_the_null_prompt(host):
+    reference = host["reference"]
+    assert reference.latents.shape == (5, 1, 4, 8, 8)
+    assert torch.all(reference.sigmas[1:] > reference.sigmas[:-1])
+    assert reference.conditioning["c_crossattn"].shape == (1, 77, 768)
+    assert reference.model_key.startswith("SD15:") or reference.model_key.split(":")[0] in ("sd15", "SD15")
+    # later points are noisier: their spread grows with sigma
+    spread = reference.latents.flatten(1).std(dim=1)
+    assert spread[-1] > spread[0]
+
+
+def test_apply_returns_a_patched_clone_and_untrained_or_weight_zero_change_nothing(host):
+    model = host["model"]
+    before = model_hash(model)
+    bare = sample(model, host["clip"])
+    assert torch.equal(sample(apply(host, load(host, "untrained.safetensors")), host["clip"]), bare)
+    trained = load(host, "trained.safetensors")
+    assert torch.equal(sample(apply(host, trained, weight=0.0), host["clip"]), bare)
+    assert torch.equal(sample(apply(host, trained, start_at=1.0, end_at=1.0), host["clip"]), bare)
+    patched = apply(host, trained)
+    assert patched is not model
+    assert (sample(patched, host["clip"]) - bare).abs().max() > 1e-3
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    assert model_hash(model) == before and "patches_replace" not in model.model_options["transformer_options"]
+    assert trained.patcher in patched.model_patches_models()
+
+
+def test_reference_pass_runs_once_per_step_for_both_cfg_halves_and_is_cached(host):
+    adapter = load(host, "trained.safetensors")
+    patched = apply(host, adapter)
+    assert patched.wrappers["apply_model"]["idadapter_inv_adapter"]
+    unet_calls = []
+    unet = host["model"].model.diffusion_model
+    handle = unet.register_forward_pre_hook(lambda m, args, kwargs: unet_calls.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        sample(patched, host["clip"], batch=3, steps=3)
+        first = list(unet_calls)
+        unet_calls.clear()
+        sample(patched, host["clip"], batch=3, steps=3)
+    finally:
+        handle.remove()
+    assert first == [1, 6] * 3  # reference pass (batch 1), then cond + uncond of 3 images in one batch
+    assert unet_calls == [6] * 3  # second generation: the cached reference features skip the reference pass
+
+
+def test_parity_with_the_diffusers_binding(host):
+    """Same weights, same reference features: ComfyUI's attention replaces equal the diffusers processors."""
+    import comfy.model_management
+
+    from idadapter_core.hosts import DiffusersInvAdapter
+    from idadapter_core.inv_adapter import load_inv_adapter
+    from test_comfy_idadapter import diffusers_twin
+
+    model = host["model"]
+    comfy.model_management.load_models_gpu([model])
+    comfy_unet = model.model.diffusion_model
+    twin = diffusers_twin(comfy_unet, model.model.model_config.unet_config, block_out_channels=(320, 640),
+                          cross_attention_dim=768, attention_head_dim=8)
+    adapter = load(host, "trained.safetensors")
+    patched = apply(host, adapter)
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn1"][("input", 1, 0)].patch
+    g = torch.Generator().manual_seed(5)
+    x, ref, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([600.0, 600.0])
+    options = patched.model_options["transformer_options"]
+    with torch.no_grad():
+        patch._recording = {}
+        comfy_unet(ref, t[:1], context[:1], transformer_options={"patches": {"attn1_patch": [patch.record]}})
+        features = [patch._recording[i] for i in range(len(patch._recording))]
+        patch._recording = None
+        patch.bank.references = adapter.model.blocks.reference_kv(features)
+        ours = comfy_unet(x, t, context, transformer_options={"patches_replace": options["patches_replace"]})
+        patch.bank.references = None
+        bare = comfy_unet(x, t, context, transformer_options={})
+    path = host["root"] / "inv_adapter" / "trained.safetensors"
+    with torch.no_grad(), DiffusersInvAdapter(twin, load_inv_adapter(path, require_known_base=False)) as binding:
+        binding.set_reference(binding.record_reference(ref, t[:1], context[:1]))
+        theirs = twin(x, t, encoder_hidden_states=context).sample
+    assert (ours - bare).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_are_refused_with_clear_messages(host):
+    errors = importlib.import_module("comfyui_idadapter.idadapter_core.errors")  # the classes the pack raises
+
+    with pytest.raises(errors.IncompatibleWeightsError, match="wrong-base.safetensors is for custom"):
+        apply(host, load(host, "wrong-base.safetensors"))
+    reference = host["nodes"].InvertReference.execute(host["model"], host["vae"], host["clip"], host["image"], 2).result[0]
+    reference.model_key = "sd15:0123456789ab"
+    with pytest.raises(errors.IncompatibleWeightsError, match="inverted with another model"):
+        apply(host, load(host, "trained.safetensors"), reference=reference)
+    assert "must be between 0 and 1" in host["nodes"].ApplyInvAdapter.validate_inputs(start_at=float("nan"), end_at=1.0)
+    assert "must not be after" in host["nodes"].ApplyInvAdapter.validate_inputs(start_at=0.8, end_at=0.2)
+
+
+def test_face_crop_with_the_real_face_model_and_no_face_error(host):
+    from conftest import shared_assets_or_skip
+
+    face = importlib.import_module("comfyui_idadapter.idadapter_core.face")
+    errors = importlib.import_module("comfyui_idadapter.idadapter_core.errors")
+
+    assets = shared_assets_or_skip()
+    analyzer = face.load_face_analyzer(assets / "insightface", "standin_scrfd_mbf128", det_size=640)
+    photo = torch.from_numpy(face.load_image(assets / "faces" / "obama.jpg").copy()).float()[None] / 255.0
+    from comfyui_idadapter.nodes.inv_adapter_binding import crop_reference_face
+
+    crop = crop_reference_face(photo, analyzer, 128, 2.0)
+    assert crop.shape == (1, 128, 128, 3)
+    with pytest.raises(errors.IDAdapterError, match="reference image 1/1: no face found"):
+        crop_reference_face(torch.full((1, 64, 64, 3), 0.5), analyzer, 128, 2.0)
+    assert np.isfinite(crop.numpy()).all()
