@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig, save_idadapter
+from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, save_inv_adapter
 from idadapter_core.presets import UNetLayout
 
 # An SD1.5 checkpoint as ComfyUI detects it (model_channels 320, context 768, conv proj_in), but with two UNet
@@ -74,4 +75,19 @@ def write_adapter(path: Path, config: IDAdapterConfig, seed: int = 0, open_gates
                 kv.to_k.diff.normal_(std=kv_scale)
                 kv.to_v.diff.normal_(std=kv_scale)
     save_idadapter(path, adapter)
+    return adapter
+
+
+def write_inv_adapter(path: Path, layout: UNetLayout = TINY_SD15_LAYOUT, seed: int = 0, trained: bool = True) -> InvAdapter:
+    """Inv-Adapter weights; `trained` opens the self-attention gates and gives the cross branch non-zero values
+    (an untrained EAA leaves the UNet unchanged)."""
+    torch.manual_seed(seed)
+    adapter = InvAdapter(InvAdapterConfig(layout))
+    if trained:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for block in adapter.blocks:
+                block.self_gate.fill_(0.7)
+                block.cross_v.weight.copy_(torch.randn(block.cross_v.weight.shape, generator=g) * 0.05)
+    save_inv_adapter(path, adapter)
     return adapter

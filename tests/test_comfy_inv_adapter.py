@@ -8,24 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_fixtures import TINY_SD15_LAYOUT, write_tiny_sd15_checkpoint
-from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, save_inv_adapter
+from comfy_fixtures import write_inv_adapter, write_tiny_sd15_checkpoint
 from idadapter_core.presets import UNetLayout
 
 pytestmark = pytest.mark.comfyui
-
-
-def write_inv_adapter(path, layout: UNetLayout = TINY_SD15_LAYOUT, seed: int = 0, trained: bool = True) -> InvAdapter:
-    torch.manual_seed(seed)
-    adapter = InvAdapter(InvAdapterConfig(layout))
-    if trained:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for block in adapter.blocks:
-                block.self_gate.fill_(0.7)
-                block.cross_v.weight.copy_(torch.randn(block.cross_v.weight.shape, generator=g) * 0.05)
-    save_inv_adapter(path, adapter)
-    return adapter
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_fixtures import randomize_, tiny_adapter_config, write_adapter, write_tiny_sd15_checkpoint
+from comfy_fixtures import randomize_, tiny_adapter_config, write_adapter, write_inv_adapter, write_tiny_sd15_checkpoint
 from conftest import REPO_ROOT, comfyui_path_or_skip, shared_assets_or_skip
 from idadapter_core.presets import UNetLayout
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.comfyui
 PACK_NODES = {
     "IDAdapterLoadInsightFace", "IDAdapterExtractFaceFeatures", "IDAdapterLoader", "IDAdapterEncodeIdentity",
     "IDAdapterApply", "IDAdapterIdentityPrompt", "IDAdapterSaveIDEmbeds", "IDAdapterLoadIDEmbeds",
-    "IDAdapterFaceSimilarity",
+    "IDAdapterFaceSimilarity", "InvAdapterLoader", "InvAdapterInvertReference", "InvAdapterApply",
 }
 
 
@@ -52,7 +52,7 @@ def server(comfy_pack, tmp_path_factory):
     comfy_root = comfyui_path_or_skip()
     base = tmp_path_factory.mktemp("comfy_base")
     models = base / "models"
-    for folder in ("checkpoints", "clip_vision", "idadapter", "insightface/models"):
+    for folder in ("checkpoints", "clip_vision", "idadapter", "inv_adapter", "insightface/models"):
         (models / folder).mkdir(parents=True)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-IDAdapter").symlink_to(REPO_ROOT, target_is_directory=True)
@@ -67,6 +67,8 @@ def server(comfy_pack, tmp_path_factory):
     write_adapter(models / "idadapter/tiny.safetensors", tiny_adapter_config(), kv_scale=0.02)
     write_adapter(models / "idadapter/wrong-base.safetensors",
                   tiny_adapter_config(UNetLayout("custom", (320, 640), (8, 8), 768, {"l": 768})))
+    write_inv_adapter(models / "inv_adapter/tiny.safetensors")
+    write_inv_adapter(models / "inv_adapter/wrong-base.safetensors", UNetLayout("custom", (320, 640), (8, 8), 768))
     data = (models / "idadapter/tiny.safetensors").read_bytes()
     (models / "idadapter/corrupt.safetensors").write_bytes(data[: len(data) // 2])
 
@@ -158,7 +160,7 @@ def test_pack_loads_and_lists_every_node(server):
                     assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 
-@pytest.mark.parametrize("name", ["idadapter_sd15", "idadapter_sdxl"])
+@pytest.mark.parametrize("name", ["idadapter_sd15", "idadapter_sdxl", "inv_adapter_sd15"])
 def test_shipped_workflows_match_the_node_definitions(server, name):
     info = get(server["url"], "/object_info")
     api = json.loads((REPO_ROOT / f"workflows/api/{name}.json").read_text())
@@ -208,3 +210,39 @@ def test_save_name_leaving_the_output_folder_is_refused(server):
     assert result["status"]["status_str"] == "error"
     assert "not a plain file name" in error_message(result)
     assert not any(p.name.startswith("escape") for p in server["base"].rglob("*"))
+
+
+def inv_adapter_prompt(**overrides) -> dict:
+    """The shipped Inv-Adapter SD1.5 API workflow, pointed at the test's tiny models."""
+    prompt = json.loads((REPO_ROOT / "workflows/api/inv_adapter_sd15.json").read_text())
+    values = {
+        "CheckpointLoaderSimple": {"ckpt_name": "tiny-sd15.safetensors"},
+        "LoadImage": {"image": "face.jpg"},
+        "IDAdapterLoadInsightFace": {"model_name": "standin_scrfd_mbf128"},
+        "InvAdapterInvertReference": {"steps": 3, "crop_size": 64},
+        "InvAdapterLoader": {"adapter_name": "tiny.safetensors"},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+    }
+    for node_type, changes in overrides.items():
+        values.setdefault(node_type, {}).update(changes)
+    for node in prompt.values():
+        node["inputs"].update(values.get(node["class_type"], {}))
+    return prompt
+
+
+def test_inv_adapter_graph_runs_and_saves_an_image(server):
+    result = run_prompt(server, inv_adapter_prompt())
+    assert result.get("status", {}).get("status_str") == "success", result
+    images = result["outputs"]["12"]["images"]
+    assert (server["base"] / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"InvAdapterLoader": {"adapter_name": "wrong-base.safetensors"}}, "but the model is SD15"),
+    ({"LoadImage": {"image": "noface.png"}}, "reference image 1/1: no face found"),
+])
+def test_inv_adapter_bad_inputs_fail_the_prompt_with_a_clear_message(server, overrides, expected):
+    result = run_prompt(server, inv_adapter_prompt(**overrides))
+    assert result["status"]["status_str"] == "error"
+    assert expected in error_message(result), error_message(result)

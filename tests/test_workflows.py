@@ -9,7 +9,7 @@ WORKFLOWS = sorted(p.stem for p in (REPO_ROOT / "workflows").glob("*.json"))
 
 
 def test_every_ui_workflow_has_an_api_twin_and_a_thumbnail():
-    assert WORKFLOWS == ["idadapter_sd15", "idadapter_sdxl"]
+    assert WORKFLOWS == ["idadapter_sd15", "idadapter_sdxl", "inv_adapter_sd15"]
     for name in WORKFLOWS:
         assert (REPO_ROOT / "workflows" / f"{name}.jpg").read_bytes()[:2] == b"\xff\xd8"
         assert (REPO_ROOT / "workflows" / "api" / f"{name}.json").is_file()
@@ -41,4 +41,5 @@ def test_workflows_use_only_this_pack_and_core_nodes(name):
     assert {n["class_type"] for n in api.values()} - core <= {
         "IDAdapterLoadInsightFace", "IDAdapterExtractFaceFeatures", "IDAdapterLoader", "IDAdapterEncodeIdentity",
         "IDAdapterApply", "IDAdapterIdentityPrompt", "IDAdapterFaceSimilarity",
+        "InvAdapterLoader", "InvAdapterInvertReference", "InvAdapterApply",
     }
