@@ -4,7 +4,6 @@ Needs COMFYUI_PATH and the real face assets in ../shared (skipped otherwise)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -127,24 +126,31 @@ def error_message(result: dict) -> str:
     return ""
 
 
-def sd15_prompt(**overrides) -> dict:
-    """The shipped SD1.5 API workflow, pointed at the test's tiny models."""
-    prompt = json.loads((REPO_ROOT / "workflows/api/idadapter_sd15.json").read_text())
-    values = {
-        "CheckpointLoaderSimple": {"ckpt_name": "tiny-sd15.safetensors"},
-        "LoadImage": {"image": "face.jpg"},
-        "IDAdapterLoadInsightFace": {"model_name": "standin_scrfd_mbf128"},
-        "CLIPVisionLoader": {"clip_name": "vitl.safetensors"},
-        "IDAdapterExtractFaceFeatures": {"num_refs": 2},
-        "IDAdapterLoader": {"adapter_name": "tiny.safetensors"},
-        "EmptyLatentImage": {"width": 64, "height": 64},
-        "KSampler": {"steps": 2},
-    }
+def workflow_prompt(name: str, values: dict, overrides: dict) -> dict:
+    """A shipped API workflow with its inputs set per node type: `values` (the test's tiny models), then `overrides`."""
+    prompt = json.loads((REPO_ROOT / f"workflows/api/{name}.json").read_text())
+    values = {node_type: dict(changes) for node_type, changes in values.items()}
     for node_type, changes in overrides.items():
         values.setdefault(node_type, {}).update(changes)
     for node in prompt.values():
         node["inputs"].update(values.get(node["class_type"], {}))
     return prompt
+
+
+TINY_MODELS = {
+    "CheckpointLoaderSimple": {"ckpt_name": "tiny-sd15.safetensors"},
+    "LoadImage": {"image": "face.jpg"},
+    "IDAdapterLoadInsightFace": {"model_name": "standin_scrfd_mbf128"},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2},
+}
+
+
+def sd15_prompt(**overrides) -> dict:
+    """The shipped SD1.5 API workflow, pointed at the test's tiny models."""
+    values = dict(TINY_MODELS, CLIPVisionLoader={"clip_name": "vitl.safetensors"},
+                  IDAdapterExtractFaceFeatures={"num_refs": 2}, IDAdapterLoader={"adapter_name": "tiny.safetensors"})
+    return workflow_prompt("idadapter_sd15", values, overrides)
 
 
 def test_pack_loads_and_lists_every_node(server):
@@ -214,21 +220,9 @@ def test_save_name_leaving_the_output_folder_is_refused(server):
 
 def inv_adapter_prompt(**overrides) -> dict:
     """The shipped Inv-Adapter SD1.5 API workflow, pointed at the test's tiny models."""
-    prompt = json.loads((REPO_ROOT / "workflows/api/inv_adapter_sd15.json").read_text())
-    values = {
-        "CheckpointLoaderSimple": {"ckpt_name": "tiny-sd15.safetensors"},
-        "LoadImage": {"image": "face.jpg"},
-        "IDAdapterLoadInsightFace": {"model_name": "standin_scrfd_mbf128"},
-        "InvAdapterInvertReference": {"steps": 3, "crop_size": 64},
-        "InvAdapterLoader": {"adapter_name": "tiny.safetensors"},
-        "EmptyLatentImage": {"width": 64, "height": 64},
-        "KSampler": {"steps": 2},
-    }
-    for node_type, changes in overrides.items():
-        values.setdefault(node_type, {}).update(changes)
-    for node in prompt.values():
-        node["inputs"].update(values.get(node["class_type"], {}))
-    return prompt
+    values = dict(TINY_MODELS, InvAdapterInvertReference={"steps": 3, "crop_size": 64},
+                  InvAdapterLoader={"adapter_name": "tiny.safetensors"})
+    return workflow_prompt("inv_adapter_sd15", values, overrides)
 
 
 def test_inv_adapter_graph_runs_and_saves_an_image(server):
