@@ -11,7 +11,7 @@ import sys
 
 from idadapter_core.errors import IDAdapterError
 
-COMMANDS = ("prepare",)
+COMMANDS = ("prepare", "fit", "export")
 
 log = logging.getLogger("train")
 

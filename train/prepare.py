@@ -28,7 +28,6 @@ import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from idadapter_core.errors import IDAdapterError
+from idadapter_core.weights import atomic_write
 from idadapter_core.face import (
     CLIP_CROP_SCALE, CLIP_CROP_SIZE, PROVIDERS, Augmentation, DetectedFace, FaceAnalyzer,
     align_reference, detect_face, load_face_analyzer, load_image, to_rgb_uint8,
@@ -253,27 +253,15 @@ def analyse_image(
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """`write(temp_path)`, then move it onto `path`: a reader never sees half a file. The temp name is fixed, so a
-    run killed mid-write leaves nothing that the next write does not replace."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     from safetensors.numpy import save_file
 
     arrays = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
-    write_atomic(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
 
 
 def _feature_arrays(rows: list[AnalysedImage], embed_dim: int, augmentations: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,468 @@
+"""Train IDAdapter weights on a prepared cache (papers.md §1.6, §1.8, §4.5), on accelerate.
+
+    python -m train fit --config fit.yaml [--lr 3e-5 --batch-size 4 --resume latest ...]
+    accelerate launch --multi_gpu --num_processes 8 -m train fit --config fit.yaml
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m train fit --config fit.yaml  (CPU processes)
+
+One step, per sample (train/data.py): E_r and E_c from the N references' cached features; E_r into the adapter of
+every UNet transformer block (DiffusersIDAdapter, which also adds the trained cross-attention K/V deltas), E_c in
+place of the trigger word's input embedding in the prompt "<caption>, <class word> is <trigger word>"; the target's
+latent noised at a uniform timestep; loss = MSE on ε or v (the scheduler's prediction type) + λ·face-ID loss on the
+one-step x̂0, decoded by the VAE (λ = 0 skips the decode). Trainable: the IDAdapter module only (MFF, identity MLP,
+adapters, K/V deltas); Adam at a constant learning rate (optional warmup). The structure is IP-Adapter's
+tutorial_train.py: a module whose forward is the loss, one loop with `accelerator.accumulate`, periodic saves.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from idadapter_core import DiffusersIDAdapter, IDAdapter, clip_encoder_from_transformers
+
+from .cache import TrainCache
+from idadapter_core.weights import atomic_write
+
+from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import RESOLVED_CONFIG_FILE, ConfigError, FitConfig, add_config_arguments, config_from_args, save_config
+from .data import FrozenFeatures, ReferenceKey, Sample, SamplePlan
+from .models import (
+    BaseModel, ClipVision, TextConditioning, build_face_id_loss, idadapter_config, load_base_model, load_clip_vision,
+)
+
+log = logging.getLogger(__name__)
+
+_RESUME_SENSITIVE = ("seed", "batch_size", "gradient_accumulation_steps", "num_refs", "identity_dropout", "random_flip",
+                     "resolution", "cache", "lr", "warmup_steps", "face_id_weight", "mixed_precision")
+"""Settings that, changed between a checkpoint and the run resuming it, make the result differ from an uninterrupted
+run."""
+
+
+@dataclass
+class TrainingBatch:
+    latents: torch.Tensor
+    """(B, C, h, w) scaled VAE latents of the targets."""
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    clip_patches: torch.Tensor
+    clip_image_embeds: torch.Tensor
+    face_embeds: torch.Tensor
+    keep_identity: torch.Tensor
+    """(B,) bool; False: the sample trains without its identity (classifier-free guidance dropout)."""
+    token_ids: dict[str, torch.Tensor]
+    time_ids: torch.Tensor
+    """(B, 6) SDXL micro-conditioning (unused by SD1.x/2.x)."""
+
+
+def assemble_batch(
+    samples: list[Sample], features: FrozenFeatures, cache: TrainCache, text: TextConditioning, vae_config,
+    num_train_timesteps: int, device: torch.device,
+) -> TrainingBatch:
+    """The step's tensors. Each sample's latent draw, noise and timestep come from its own generator, so they depend on
+    the sample alone (not on the batch it is in, nor on the process)."""
+    latents, references = features.latents(samples), features.references([s.references for s in samples])
+    draws, noises, timesteps = [], [], []
+    for sample, mean in zip(samples, latents["mean"]):
+        generator = torch.Generator().manual_seed(sample.seed)
+        draws.append(torch.randn(mean.shape, generator=generator))
+        noises.append(torch.randn(mean.shape, generator=generator))
+        timesteps.append(torch.randint(0, num_train_timesteps, (), generator=generator))
+    shift = vae_config.get("shift_factor") or 0.0
+    z = latents["mean"].float() + latents["std"].float() * torch.stack(draws)
+    records = [cache.records[s.row] for s in samples]
+    keep = [s.keep_identity for s in samples]
+    return TrainingBatch(
+        latents=((z - shift) * vae_config["scaling_factor"]).to(device),
+        noise=torch.stack(noises).to(device),
+        timesteps=torch.stack(timesteps).to(device),
+        clip_patches=references["clip_patches"].to(device),
+        clip_image_embeds=references["clip_image_embeds"].to(device),
+        face_embeds=references["face_embeds"].to(device),
+        keep_identity=torch.tensor(keep, device=device),
+        token_ids={k: v.to(device) for k, v in text.tokenize([r.caption for r in records],
+                                                              [r.class_word for r in records], keep).items()},
+        time_ids=latents["time_ids"].to(device),
+    )
+
+
+@dataclass
+class FrozenParts:
+    """What the training step uses but does not train. A plain object, not a module: DDP and `parameters()` see
+    the adapter alone."""
+
+    base: BaseModel
+    binding: DiffusersIDAdapter
+    face_loss: nn.Module | None
+
+
+class IDAdapterTrainingStep(nn.Module):
+    """forward(batch) -> the step's losses; the only registered submodule is the adapter.
+
+    Identity dropout (our choice, papers.md §1.8 [I]): a dropped sample gets E_r = 0 and the plain caption (no
+    ', <class> is <trigger>' suffix, so no E_c), the unconditional input of classifier-free guidance; it gets no
+    face-ID loss (there is no identity to preserve)."""
+
+    def __init__(self, adapter: IDAdapter, base: BaseModel, face_loss: nn.Module | None, face_id_weight: float) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.frozen = FrozenParts(base, DiffusersIDAdapter(base.unet, adapter), face_loss)
+        self.face_id_weight = face_id_weight
+
+    def forward(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
+        base = self.frozen.base
+        embeds = self.adapter.encode(batch.clip_patches, batch.face_embeds, batch.clip_image_embeds)
+        keep = batch.keep_identity
+        self.frozen.binding.set_identity(embeds.reference_tokens * keep[:, None, None].to(embeds.reference_tokens.dtype))
+        context, pooled = base.text.encode(batch.token_ids, embeds.identity_tokens)
+        scheduler = base.noise_scheduler
+        noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        added = {"text_embeds": pooled, "time_ids": batch.time_ids} if base.is_sdxl else None
+        unet_dtype = base.unet.dtype
+        prediction = base.unet(noisy.to(unet_dtype), batch.timesteps, encoder_hidden_states=context.to(unet_dtype),
+                               added_cond_kwargs=added).sample
+        if base.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+        else:
+            target = batch.noise
+        diffusion = F.mse_loss(prediction.float(), target.float())
+        losses = {"diffusion_loss": diffusion, "loss": diffusion}
+        if self.frozen.face_loss is not None and self.face_id_weight > 0:
+            face, gate_open, face_samples = self._face_id_loss(noisy, prediction, batch)
+            losses.update(loss=diffusion + self.face_id_weight * face, face_id_loss=face,
+                          face_id_gate_open=gate_open, face_id_samples=face_samples)
+        return losses
+
+    def _face_id_loss(self, noisy: torch.Tensor, prediction: torch.Tensor, batch: TrainingBatch):
+        """λ's term of papers.md §1.6: 1 - cos(R(x̂0), mean f_a), on the samples that kept their identity and whose
+        x̂0 shows a face."""
+        from .losses import decode_latents, predict_x0
+
+        base = self.frozen.base
+        kept = batch.keep_identity.nonzero().squeeze(1)
+        if len(kept) == 0:
+            zero = prediction.sum() * 0.0  # in the graph, so every process runs the same backward
+            return zero, zero.detach(), zero.detach()
+        alphas = base.noise_scheduler.alphas_cumprod.to(noisy.device)[batch.timesteps[kept]]
+        x0 = predict_x0(noisy[kept], prediction[kept], alphas, base.prediction_type)
+        images = decode_latents(base.vae, x0)
+        result = self.frozen.face_loss(images, batch.face_embeds[kept].float().mean(dim=1))
+        open_count = result.gate.float().sum().detach()
+        return result.loss, open_count, torch.tensor(float(len(kept)), device=open_count.device)
+
+
+def gate_values(adapter: IDAdapter) -> dict[str, float]:
+    """tanh(γ) of every block's attention and dense gates (papers.md §4.2: how much each adapter contributes)."""
+    values = {}
+    for index, block in enumerate(adapter.blocks):
+        values[f"gates/attn/{index:02d}"] = float(torch.tanh(block.alpha_attn.detach().float()))
+        values[f"gates/dense/{index:02d}"] = float(torch.tanh(block.alpha_dense.detach().float()))
+    return values
+
+
+@torch.no_grad()
+def sample_grid(
+    step_module: IDAdapterTrainingStep, features: FrozenFeatures, references: tuple[ReferenceKey, ...],
+    class_word: str, config: FitConfig, accelerator,
+) -> np.ndarray:
+    """(H, W, 3) uint8: the N reference crops, then one generation per sample prompt, through the diffusers pipeline
+    with the adapter attached and the identity token spliced (DDIM, `sample_steps` steps, a fixed seed)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from PIL import Image
+
+    base, adapter, binding = step_module.frozen.base, step_module.adapter, step_module.frozen.binding
+    text = base.text
+    scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
+    encoders = list(text.encoders.values())
+    if base.is_sdxl:
+        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=encoders[0][1], text_encoder_2=encoders[1][1],
+                                         tokenizer=encoders[0][0], tokenizer_2=encoders[1][0], unet=base.unet,
+                                         scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=encoders[0][1], tokenizer=encoders[0][0],
+                                       unet=base.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(config.sample_prompts)
+    feats = {k: v.to(accelerator.device) for k, v in features.references([references]).items()}
+    was_training = adapter.training
+    adapter.eval()
+    try:
+        with accelerator.autocast():
+            embeds = adapter.encode(feats["clip_patches"], feats["face_embeds"], feats["clip_image_embeds"])
+            binding.set_identity(embeds.reference_tokens)
+            positive = text.tokenize(prompts, [class_word] * len(prompts), [True] * len(prompts))
+            negative = text.tokenize([""] * len(prompts), [class_word] * len(prompts), [False] * len(prompts))
+            context, pooled = text.encode(positive, embeds.identity_tokens)
+            negative_context, negative_pooled = text.encode(negative)
+            extra = {}
+            if base.is_sdxl:
+                extra = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
+            images = pipe(
+                prompt_embeds=context, negative_prompt_embeds=negative_context, height=config.resolution,
+                width=config.resolution, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                generator=torch.Generator().manual_seed(config.seed), output_type="np", **extra,
+            ).images
+    finally:
+        binding.set_identity(None)
+        adapter.train(was_training)
+    size = config.resolution
+    crops = [features.clip_crop(ref).numpy() for ref in references]
+    tiles = [np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC)) for crop in crops]
+    tiles += [(np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8) for image in images]
+    return np.concatenate(tiles, axis=1)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch.use_deterministic_algorithms for the run, restored afterwards."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    """Optimizer steps done."""
+    adapter: IDAdapter
+    losses: list[dict[str, float]] = field(default_factory=list)
+    """This process's losses of each optimizer step of this run (mean over its micro-steps)."""
+    checkpoint: Path | None = None
+    """The last checkpoint written by this run."""
+    features_computed: int = 0
+    """Frozen features computed (not found cached) by this process: what a benchmark of `cache_features` reads."""
+    weights_sha256: str = ""
+    """`weights_digest` of the adapter at the end."""
+
+
+class _Meter:
+    """Sums of the logged quantities between two log steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.micro_steps = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.micro_steps += 1
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        """Means over the micro-steps since the last call and over all processes (every process must call this)."""
+        names = sorted(self.sums)
+        totals = accelerator.reduce(torch.tensor([self.sums[n] for n in names], dtype=torch.float64,
+                                                 device=accelerator.device), "sum")
+        totals = dict(zip(names, totals.tolist()))
+        count = self.micro_steps * accelerator.num_processes
+        out = {f"train/{n}": totals[n] / count for n in ("loss", "diffusion_loss", "face_id_loss") if n in totals}
+        if totals.get("face_id_samples"):
+            out["train/face_id_gate_rate"] = totals["face_id_gate_open"] / totals["face_id_samples"]
+        self.sums.clear()
+        self.micro_steps = 0
+        return out
+
+
+def _tracker_config(config: FitConfig) -> dict:
+    """TensorBoard's hparams take scalars and strings only."""
+    return {k: (", ".join(v) if isinstance(v, list) else "" if v is None else v) for k, v in config.to_dict().items()}
+
+
+def train(config: FitConfig, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) training as `config` says. `stop_after` ends the run after that many optimizer steps as if it
+    had been killed there (no extra checkpoint): what resumption is tested with."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.log_with == "none" else config.log_with, cpu=config.cpu,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # identity dropout can leave the identity MLP without gradient in a micro-batch
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(config.seed)
+    with deterministic_algorithms(config.deterministic):
+        return _train(config, accelerator, stop_after)
+
+
+def feature_cache_folder(config: FitConfig, weight_dtype: torch.dtype | None) -> Path | None:
+    """A subfolder of `feature_cache_dir` per (base model, CLIP vision, resolution, dtype): features made with other
+    models are never read back."""
+    if config.feature_cache_dir is None:
+        return None
+    models = [config.pretrained or config.single_file, config.clip_vision, config.resolution, str(weight_dtype)]
+    key = hashlib.sha256(json.dumps([str(Path(m).resolve()) if isinstance(m, str) else m for m in models]).encode())
+    return Path(config.feature_cache_dir) / key.hexdigest()[:16]
+
+
+def build_training_step(config: FitConfig, cache: TrainCache, device: torch.device,
+                        weight_dtype: torch.dtype | None = None) -> tuple[IDAdapterTrainingStep, ClipVision]:
+    """Load the frozen models onto `device` and build a fresh adapter (seeded by the global RNG) and its step."""
+    face_model = cache.settings["face_model"]
+    if config.face_model and config.face_model != face_model:
+        raise ConfigError(f"--face-model {config.face_model}, but the cache was prepared with '{face_model}'; the "
+                          "face-ID loss must use the recognizer of the cached reference embeddings")
+    base = load_base_model(config)
+    clip = load_clip_vision(config.clip_vision, config.clip_vision_name)
+    adapter = IDAdapter(idadapter_config(config, base.layout, clip, cache.face_embed_dim, face_model))
+    # frozen models in the autocast dtype (as IP-Adapter's tutorial_train.py does); the VAE stays float32, for exact
+    # target latents and the face-ID loss's decode
+    for module in (base.unet, *base.text.modules(), clip.model):
+        module.to(device) if weight_dtype is None else module.to(device, weight_dtype)
+    base.vae.to(device)
+    face_loss = None
+    if config.face_id_weight > 0:
+        face_loss = build_face_id_loss(config, face_model, cache.face_embed_dim).to(device)
+    if config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        base.vae.enable_gradient_checkpointing()
+    return IDAdapterTrainingStep(adapter, base, face_loss, config.face_id_weight), clip
+
+
+def _resume(config: FitConfig, accelerator, adapter: IDAdapter, optimizer, lr_scheduler) -> int:
+    """The step to start at: 0, or the step of the checkpoint `config.resume` names, restored."""
+    checkpoint = find_checkpoint(config.output_dir, config.resume) if config.resume else None
+    if checkpoint is None:
+        if config.resume:
+            log.info("no checkpoint in %s yet; starting at step 0", config.output_dir)
+        return 0
+    state = load_checkpoint(accelerator, checkpoint, adapter, optimizer, lr_scheduler)
+    changed = [k for k in _RESUME_SENSITIVE if state.settings.get(k) != getattr(config, k)]
+    if changed:
+        log.warning("resuming %s with changed settings (%s): the run will not equal an uninterrupted one",
+                    checkpoint, ", ".join(changed))
+    log.info("resumed from %s at step %d", checkpoint, state.step)
+    return state.step
+
+
+def _train(config: FitConfig, accelerator, stop_after: int | None) -> TrainResult:
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    output_dir = Path(config.output_dir)
+    device = accelerator.device
+    cache = TrainCache(config.cache)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    step_module, clip = build_training_step(config, cache, device, weight_dtype)
+    adapter, base = step_module.adapter, step_module.frozen.base
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=config.lr)
+    lr_scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    model, optimizer = accelerator.prepare(step_module, optimizer)
+    log.info("trainable parameters: %s (%s)", f"{sum(p.numel() for p in adapter.parameters()):,}",
+             adapter.config.layout.describe())
+    start_step = _resume(config, accelerator, adapter, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        save_config(config, output_dir / RESOLVED_CONFIG_FILE)
+    if config.log_with != "none":
+        accelerator.init_trackers("idadapter", config=_tracker_config(config))
+
+    plan = SamplePlan(cache, config.seed, config.num_refs, config.identity_dropout, config.random_flip)
+    features = FrozenFeatures(
+        cache, base.vae, clip_encoder_from_transformers(clip.model), config.resolution, device,
+        enabled=config.cache_features, directory=feature_cache_folder(config, weight_dtype),
+        deterministic=config.deterministic,
+    )
+    sample_references = None
+    if config.sample_every:
+        identity = config.sample_identity or next(iter(plan.rows_of_identity))
+        sample_references = plan.identity_references(identity)
+        sample_class_word = cache.records[plan.rows_of_identity[identity][0]].class_word
+    result = TrainResult(step=start_step, adapter=adapter)
+    meter = _Meter()
+    accumulation = config.gradient_accumulation_steps
+    scheduler_steps = base.noise_scheduler.config.num_train_timesteps
+    progress = tqdm(total=config.max_steps, initial=start_step, desc="fit", disable=not accelerator.is_local_main_process)
+    model.train()
+    for step in range(start_step, config.max_steps):
+        step_losses: dict[str, float] = {}
+        for micro in range(accumulation):
+            samples = plan.step_samples(step * accumulation + micro, config.batch_size, accelerator.process_index,
+                                        accelerator.num_processes)
+            batch = assemble_batch(samples, features, cache, base.text, base.vae.config, scheduler_steps, device)
+            with accelerator.accumulate(model):
+                losses = model(batch)
+                accelerator.backward(losses["loss"])
+                optimizer.step()
+                optimizer.zero_grad()
+            step_module.frozen.binding.set_identity(None)  # free E_r's per-block K/V before the next step
+            values = {name: float(value.detach()) for name, value in losses.items()}
+            meter.add(values)
+            for name, value in values.items():
+                step_losses[name] = step_losses.get(name, 0.0) + value / accumulation
+        lr_scheduler.step()
+        done = step + 1
+        result.step = done
+        result.losses.append(step_losses)
+        result.features_computed = features.computed
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_losses['loss']:.4f}")
+        if done % config.log_every == 0 or done == config.max_steps:
+            values = meter.reduce(accelerator)
+            values["train/lr"] = lr_scheduler.get_last_lr()[0]
+            values.update(gate_values(adapter))
+            accelerator.log(values, step=done)
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            result.checkpoint = save_checkpoint(accelerator, output_dir, done, adapter, optimizer, lr_scheduler,
+                                                config.to_dict(), config.keep_checkpoints)
+        if sample_references is not None and done % config.sample_every == 0:
+            if accelerator.is_main_process:
+                _log_samples(sample_grid(step_module, features, sample_references, sample_class_word, config,
+                                         accelerator), done, config, accelerator)
+            accelerator.wait_for_everyone()
+        if stop_after is not None and done >= stop_after:
+            break
+    progress.close()
+    accelerator.end_training()
+    result.weights_sha256 = weights_digest(adapter)
+    # every process says what it holds: data-parallel processes must agree (a desync shows here)
+    log.info("process %d of %d: adapter weights sha256 %s", accelerator.process_index, accelerator.num_processes,
+             result.weights_sha256)
+    return result
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes, in order)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _log_samples(grid: np.ndarray, step: int, config: FitConfig, accelerator) -> None:
+    from PIL import Image
+
+    path = Path(config.output_dir) / "samples" / f"step-{step:08d}.png"
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+    if config.log_with == "tensorboard":
+        accelerator.get_tracker("tensorboard").log_images({"samples": grid[None]}, step=step, dataformats="NHWC")
+    log.info("sample grid: %s", path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> TrainResult:
+    config = config_from_args(args)
+    result = train(config)
+    log.info("trained to step %d; last checkpoint %s", result.step, result.checkpoint)
+    return result
