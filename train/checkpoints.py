@@ -3,7 +3,7 @@ the data position (the samples are a pure function of the seed and the step, tra
 adapter, Adam's state, the LR scheduler, every process's RNG states and the step:
 
     OUTPUT_DIR/checkpoints/step-00000300/
-        idadapter.safetensors        the adapter as `save_idadapter` writes it (what `export` converts)
+        adapter.safetensors          the adapter as its method's weights file (what `export` converts)
         optimizer.pt                 Adam's state dict, read back with torch.load(weights_only=True): never unpickled
         trainer_state.json           step, LR scheduler state, number of processes, the run's settings
         rng-<process>.safetensors    torch CPU (and CUDA) generator states as tensors, python's and numpy's in metadata
@@ -26,13 +26,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from idadapter_core import IDAdapter, load_idadapter, save_idadapter
 from idadapter_core.errors import IDAdapterError
+
+from .adapter_files import load_adapter_file, save_adapter_file
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
-ADAPTER_FILE = "idadapter.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng-{}.safetensors"
@@ -103,7 +104,7 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | Path, step: int, adapter: IDAdapter, optimizer: torch.optim.Optimizer,
+    accelerator, output_dir: str | Path, step: int, adapter: nn.Module, optimizer: torch.optim.Optimizer,
     lr_scheduler, settings: dict, keep: int = 0,
 ) -> Path:
     """Write checkpoint `step` (every process calls this; each adds its RNG states), then delete all but the last
@@ -119,7 +120,7 @@ def save_checkpoint(
     save_file(tensors, str(temporary / RNG_FILE.format(accelerator.process_index)), metadata=metadata)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_idadapter(temporary / ADAPTER_FILE, adapter)
+        save_adapter_file(temporary / ADAPTER_FILE, adapter)
         torch.save(optimizer.state_dict(), temporary / OPTIMIZER_FILE)
         state = {"step": step, "num_processes": accelerator.num_processes, "lr_scheduler": lr_scheduler.state_dict(),
                  "settings": settings}
@@ -159,7 +160,7 @@ def load_checkpoint(
             f"{path} was written by {trainer_state.num_processes} processes, this run has {accelerator.num_processes}: "
             "each process's random state and samples depend on the process count; resume with the same count"
         )
-    loaded = load_idadapter(path / ADAPTER_FILE, require_known_base=False)
+    loaded = load_adapter_file(path / ADAPTER_FILE, require_known_base=False)
     if loaded.config != adapter.config:
         raise CheckpointError(
             f"{path / ADAPTER_FILE} is an adapter for other settings ({loaded.config.to_json()}) than this run's "

@@ -22,6 +22,8 @@ from idadapter_core.errors import IDAdapterError
 from idadapter_core.weights import atomic_write
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+METHODS = ("idadapter", "inv-adapter")
+REFERENCE_FEATURES = ("noised", "inversion")
 LOG_WITH = ("tensorboard", "none")
 RESOLVED_CONFIG_FILE = "config.yaml"
 
@@ -40,6 +42,8 @@ def _option(default, help: str, choices: tuple | None = None, default_factory=No
 @dataclass
 class FitConfig:
     # --- data and output
+    method: str = _option("idadapter", "what to train: IDAdapter (MFF, identity token, adapters, K/V) or Inv-Adapter "
+                                        "(the EAA only)", METHODS)
     cache: str = _option("", "the training cache written by `python -m train prepare` (required)")
     output_dir: str = _option("", "folder for checkpoints, logs, samples and the resolved config (required)")
     # --- the base model (local files only, never downloaded)
@@ -50,7 +54,7 @@ class FitConfig:
               "tokenizers (weights not needed)")
     original_config: str | None = _option(None, "with --single-file: the original LDM .yaml config, if needed")
     # --- the frozen encoders
-    clip_vision: str = _option("", "a transformers CLIPVisionModelWithProjection folder (required)")
+    clip_vision: str = _option("", "a transformers CLIPVisionModelWithProjection folder (required for idadapter)")
     clip_vision_name: str | None = _option(
         None, "the CLIP vision name recorded in the weights (default: the folder's name)")
     insightface_root: str | None = _option(
@@ -69,6 +73,11 @@ class FitConfig:
     trigger_word: str = _option("sks", "the identifier word replaced by the identity token (papers.md §1.4)")
     class_word: str = _option(
         "person", "class word recorded in the weights (each image's own class word comes from the cache)")
+    # --- Inv-Adapter (docs/DESIGN.md §3; our inferences, [I])
+    reference_features: str = _option(
+        "noised", "inv-adapter: the reference latent at the step's timestep is forward-noised (fast) or taken from "
+                  "its DDIM inversion (as at inference; each reference inverted once per run)", REFERENCE_FEATURES)
+    inversion_steps: int = _option(50, "inv-adapter with reference_features inversion: DDIM inversion steps")
     # --- optimisation (papers.md §1.8)
     seed: int = _option(0, "seed of the adapter's initialisation, the data order, the noise and the dropout")
     max_steps: int = _option(50_000, "optimizer steps to train for")
@@ -110,7 +119,8 @@ class FitConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for missing or contradictory settings."""
-        for name in ("cache", "output_dir", "clip_vision"):
+        required = ("cache", "output_dir", "clip_vision") if self.method == "idadapter" else ("cache", "output_dir")
+        for name in required:
             if not getattr(self, name):
                 raise ConfigError(f"'{name}' is required: set it in the config file or pass --{_flag(name)}")
         if bool(self.pretrained) == bool(self.single_file):
@@ -124,12 +134,15 @@ class FitConfig:
         if self.face_id_weight > 0 and not self.insightface_root:
             raise ConfigError("the face-ID loss (face_id_weight > 0) needs --insightface-root; pass --face-id-weight 0 "
                               "to train without it")
+        if self.method == "inv-adapter" and self.sample_every:
+            raise ConfigError("sample grids (sample_every) are made for IDAdapter only; generate with the trained "
+                              "Inv-Adapter in ComfyUI, or pass --sample-every 0")
         if not 0 <= self.identity_dropout < 1:
             raise ConfigError(f"identity_dropout must be in [0, 1), got {self.identity_dropout}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         for name in ("num_refs", "max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
-                     "log_every", "resolution", "sample_steps", "mff_width", "mff_depth", "mff_heads"):
+                     "log_every", "resolution", "sample_steps", "mff_width", "mff_depth", "mff_heads", "inversion_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "keep_checkpoints", "sample_every", "mff_num_queries"):

@@ -1,11 +1,11 @@
-"""Export a training checkpoint as the weights file that ComfyUI's Load IDAdapter node loads.
+"""Export a training checkpoint as the weights file that ComfyUI's Load IDAdapter (or Load Inv-Adapter) node loads.
 
     python -m train export RUN_DIR/checkpoints/step-00050000 --out idadapter-sd21.safetensors --dtype fp16
     python -m train export RUN_DIR --dtype fp16          (the run's newest checkpoint, written beside its checkpoints)
 
-A checkpoint's adapter file already has the release layout (`save_idadapter`; the cross-attention K/V are stored as
-differences from the training base). Export casts it to --dtype, writes it atomically, and reads it back with
-`load_idadapter`: every tensor must equal the checkpoint's cast to that dtype, and the metadata must name the same
+A checkpoint's adapter file already has the release layout (its method's weights file; IDAdapter's cross-attention
+K/V are stored as differences from the training base). Export casts it to --dtype, writes it atomically, and reads it back with
+the method's loader: every tensor must equal the checkpoint's cast to that dtype, and the metadata must name the same
 base and configuration, or the file is deleted and the export fails.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from idadapter_core import load_idadapter, save_idadapter
 from idadapter_core.errors import IDAdapterError
 
+from .adapter_files import adapter_format, load_adapter_file, save_adapter_file
 from .checkpoints import ADAPTER_FILE, list_checkpoints, read_trainer_state
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,17 @@ def resolve_checkpoint(source: str | Path) -> Path:
 
 
 def export_checkpoint(source: str | Path, out: str | Path | None = None, dtype: str = "fp16") -> Path:
-    """Write the checkpoint's adapter as a Load IDAdapter weights file in `dtype`; returns its path."""
+    """Write the checkpoint's adapter as the weights file its Load node reads, in `dtype`; returns its path."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     checkpoint = resolve_checkpoint(source)
-    adapter = load_idadapter(checkpoint / ADAPTER_FILE, require_known_base=False)
+    adapter = load_adapter_file(checkpoint / ADAPTER_FILE, require_known_base=False)
     step = read_trainer_state(checkpoint).step
     if out is None:
-        out = checkpoint.parent.parent / f"idadapter-{adapter.config.layout.base}-step{step}-{dtype}.safetensors"
+        method = adapter_format(checkpoint / ADAPTER_FILE)
+        out = checkpoint.parent.parent / f"{method}-{adapter.config.layout.base}-step{step}-{dtype}.safetensors"
     out = Path(out)
-    save_idadapter(out, adapter, dtype=DTYPES[dtype])
+    save_adapter_file(out, adapter, dtype=DTYPES[dtype])
     try:
         verify_export(out, adapter.state_dict(), adapter.config, DTYPES[dtype])
     except ExportError:
@@ -66,7 +67,7 @@ def export_checkpoint(source: str | Path, out: str | Path | None = None, dtype: 
 
 def verify_export(path: Path, expected: dict[str, torch.Tensor], config, dtype: torch.dtype) -> None:
     """Read `path` back as the node does and compare it with the checkpoint's tensors cast to `dtype`."""
-    reloaded = load_idadapter(path, require_known_base=False)
+    reloaded = load_adapter_file(path, require_known_base=False)
     if reloaded.config != config:
         raise ExportError(f"{path.name} reads back with another configuration than the checkpoint's")
     with safe_open(str(path), framework="pt") as f:

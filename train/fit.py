@@ -9,7 +9,8 @@ every UNet transformer block (DiffusersIDAdapter, which also adds the trained cr
 place of the trigger word's input embedding in the prompt "<caption>, <class word> is <trigger word>"; the target's
 latent noised at a uniform timestep; loss = MSE on ε or v (the scheduler's prediction type) + λ·face-ID loss on the
 one-step x̂0, decoded by the VAE (λ = 0 skips the decode). Trainable: the IDAdapter module only (MFF, identity MLP,
-adapters, K/V deltas); Adam at a constant learning rate (optional warmup). The structure is IP-Adapter's
+adapters, K/V deltas); Adam at a constant learning rate (optional warmup). With `method: inv-adapter` the same loop
+trains Inv-Adapter's EAA instead (train/inv_adapter_step.py). The structure is IP-Adapter's
 tutorial_train.py: a module whose forward is the loss, one loop with `accelerator.accumulate`, periodic saves.
 """
 from __future__ import annotations
@@ -29,12 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from idadapter_core import DiffusersIDAdapter, IDAdapter, clip_encoder_from_transformers
-
-from .cache import TrainCache
+from idadapter_core import DiffusersIDAdapter, IDAdapter, clip_encoder_from_transformers, transformer_blocks_in_forward_order
+from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig
 from idadapter_core.weights import atomic_write
 
+from .cache import TrainCache
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from .inv_adapter_step import InvAdapterBatch, InvAdapterTrainingStep, eaa_gate_values
 from .config import RESOLVED_CONFIG_FILE, ConfigError, FitConfig, add_config_arguments, config_from_args, save_config
 from .data import FrozenFeatures, ReferenceKey, Sample, SamplePlan
 from .models import (
@@ -43,8 +45,9 @@ from .models import (
 
 log = logging.getLogger(__name__)
 
-_RESUME_SENSITIVE = ("seed", "batch_size", "gradient_accumulation_steps", "num_refs", "identity_dropout", "random_flip",
-                     "resolution", "cache", "lr", "warmup_steps", "face_id_weight", "mixed_precision")
+_RESUME_SENSITIVE = ("method", "seed", "batch_size", "gradient_accumulation_steps", "num_refs", "identity_dropout",
+                     "random_flip", "resolution", "cache", "lr", "warmup_steps", "face_id_weight", "mixed_precision",
+                     "reference_features", "inversion_steps")
 """Settings that, changed between a checkpoint and the run resuming it, make the result differ from an uninterrupted
 run."""
 
@@ -71,7 +74,29 @@ def assemble_batch(
 ) -> TrainingBatch:
     """The step's tensors. Each sample's latent draw, noise and timestep come from its own generator, so they depend on
     the sample alone (not on the batch it is in, nor on the process)."""
-    latents, references = features.latents(samples), features.references([s.references for s in samples])
+    latents, noise, timesteps, time_ids = draw_targets(samples, features, vae_config, num_train_timesteps)
+    references = features.references([s.references for s in samples])
+    records = [cache.records[s.row] for s in samples]
+    keep = [s.keep_identity for s in samples]
+    return TrainingBatch(
+        latents=latents.to(device),
+        noise=noise.to(device),
+        timesteps=timesteps.to(device),
+        clip_patches=references["clip_patches"].to(device),
+        clip_image_embeds=references["clip_image_embeds"].to(device),
+        face_embeds=references["face_embeds"].to(device),
+        keep_identity=torch.tensor(keep, device=device),
+        token_ids={k: v.to(device) for k, v in text.tokenize([r.caption for r in records],
+                                                              [r.class_word for r in records], keep).items()},
+        time_ids=time_ids.to(device),
+    )
+
+
+def draw_targets(samples: list[Sample], features: FrozenFeatures, vae_config, num_train_timesteps: int):
+    """The samples' scaled latents (drawn from their cached VAE distributions), noise, timesteps and SDXL time ids.
+    Each sample's draws come from its own generator, so they depend on the sample alone (not on the batch it is in,
+    nor on the process)."""
+    latents = features.latents(samples)
     draws, noises, timesteps = [], [], []
     for sample, mean in zip(samples, latents["mean"]):
         generator = torch.Generator().manual_seed(sample.seed)
@@ -80,19 +105,33 @@ def assemble_batch(
         timesteps.append(torch.randint(0, num_train_timesteps, (), generator=generator))
     shift = vae_config.get("shift_factor") or 0.0
     z = latents["mean"].float() + latents["std"].float() * torch.stack(draws)
+    return ((z - shift) * vae_config["scaling_factor"]), torch.stack(noises), torch.stack(timesteps), latents["time_ids"]
+
+
+def assemble_inv_adapter_batch(
+    samples: list[Sample], features: FrozenFeatures, cache: TrainCache, text: TextConditioning, vae_config,
+    num_train_timesteps: int, device: torch.device,
+) -> InvAdapterBatch:
+    """Targets as for IDAdapter; each sample's reference is its first reference that is a real image of the identity
+    (augmented copies exist only as face crops), else the target itself, with its own latent draw and noise."""
+    latents, noise, timesteps, time_ids = draw_targets(samples, features, vae_config, num_train_timesteps)
+    reference_samples = []
+    for sample in samples:
+        row = next((ref.row for ref in sample.references if ref.augmentation < 0), sample.row)
+        reference_samples.append(Sample(sample.index, row, (), True, False, sample.seed + 1))
+    reference_latents, reference_noise, _, _ = draw_targets(reference_samples, features, vae_config, num_train_timesteps)
     records = [cache.records[s.row] for s in samples]
-    keep = [s.keep_identity for s in samples]
-    return TrainingBatch(
-        latents=((z - shift) * vae_config["scaling_factor"]).to(device),
-        noise=torch.stack(noises).to(device),
-        timesteps=torch.stack(timesteps).to(device),
-        clip_patches=references["clip_patches"].to(device),
-        clip_image_embeds=references["clip_image_embeds"].to(device),
-        face_embeds=references["face_embeds"].to(device),
-        keep_identity=torch.tensor(keep, device=device),
-        token_ids={k: v.to(device) for k, v in text.tokenize([r.caption for r in records],
-                                                              [r.class_word for r in records], keep).items()},
-        time_ids=latents["time_ids"].to(device),
+    plain = [False] * len(samples)
+    return InvAdapterBatch(
+        latents=latents.to(device),
+        noise=noise.to(device),
+        timesteps=timesteps.to(device),
+        reference_latents=reference_latents.to(device),
+        reference_noise=reference_noise.to(device),
+        reference_rows=[s.row for s in reference_samples],
+        token_ids={k: v.to(device) for k, v in text.tokenize([r.caption for r in records], [""] * len(samples), plain).items()},
+        null_token_ids={k: v.to(device) for k, v in text.tokenize([""] * len(samples), [""] * len(samples), plain).items()},
+        time_ids=time_ids.to(device),
     )
 
 
@@ -142,6 +181,10 @@ class IDAdapterTrainingStep(nn.Module):
             losses.update(loss=diffusion + self.face_id_weight * face, face_id_loss=face,
                           face_id_gate_open=gate_open, face_id_samples=face_samples)
         return losses
+
+    def release(self) -> None:
+        """Free E_r's per-block K/V once the step's backward has run."""
+        self.frozen.binding.set_identity(None)
 
     def _face_id_loss(self, noisy: torch.Tensor, prediction: torch.Tensor, batch: TrainingBatch):
         """λ's term of papers.md §1.6: 1 - cos(R(x̂0), mean f_a), on the samples that kept their identity and whose
@@ -315,8 +358,11 @@ def feature_cache_folder(config: FitConfig, weight_dtype: torch.dtype | None) ->
 
 
 def build_training_step(config: FitConfig, cache: TrainCache, device: torch.device,
-                        weight_dtype: torch.dtype | None = None) -> tuple[IDAdapterTrainingStep, ClipVision]:
-    """Load the frozen models onto `device` and build a fresh adapter (seeded by the global RNG) and its step."""
+                        weight_dtype: torch.dtype | None = None) -> tuple[nn.Module, ClipVision | None]:
+    """Load the frozen models onto `device` and build a fresh adapter (seeded by the global RNG) and its step, for
+    the method `config.method` (Inv-Adapter needs no CLIP vision: the second value is then None)."""
+    if config.method == "inv-adapter":
+        return build_inv_adapter_step(config, device, weight_dtype), None
     face_model = cache.settings["face_model"]
     if config.face_model and config.face_model != face_model:
         raise ConfigError(f"--face-model {config.face_model}, but the cache was prepared with '{face_model}'; the "
@@ -338,7 +384,25 @@ def build_training_step(config: FitConfig, cache: TrainCache, device: torch.devi
     return IDAdapterTrainingStep(adapter, base, face_loss, config.face_id_weight), clip
 
 
-def _resume(config: FitConfig, accelerator, adapter: IDAdapter, optimizer, lr_scheduler) -> int:
+def build_inv_adapter_step(config: FitConfig, device: torch.device, weight_dtype: torch.dtype | None) -> InvAdapterTrainingStep:
+    """The EAA on the base model. Its self-attention K/V projections start as copies of each block's own (our choice,
+    docs/DESIGN.md §3.3: the reference tokens start in the block's key/value space; the closed gate still leaves the
+    UNet unchanged at step 0)."""
+    base = load_base_model(config)
+    adapter = InvAdapter(InvAdapterConfig(base.layout))
+    with torch.no_grad():
+        for block, eaa in zip(transformer_blocks_in_forward_order(base.unet), adapter.blocks):
+            eaa.self_k.weight.copy_(block.attn1.to_k.weight)
+            eaa.self_v.weight.copy_(block.attn1.to_v.weight)
+    for module in (base.unet, *base.text.modules()):
+        module.to(device) if weight_dtype is None else module.to(device, weight_dtype)
+    base.vae.to(device)
+    if config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    return InvAdapterTrainingStep(adapter, base, config.reference_features, config.inversion_steps)
+
+
+def _resume(config: FitConfig, accelerator, adapter: nn.Module, optimizer, lr_scheduler) -> int:
     """The step to start at: 0, or the step of the checkpoint `config.resume` names, restored."""
     checkpoint = find_checkpoint(config.output_dir, config.resume) if config.resume else None
     if checkpoint is None:
@@ -376,7 +440,7 @@ def _train(config: FitConfig, accelerator, stop_after: int | None) -> TrainResul
 
     plan = SamplePlan(cache, config.seed, config.num_refs, config.identity_dropout, config.random_flip)
     features = FrozenFeatures(
-        cache, base.vae, clip_encoder_from_transformers(clip.model), config.resolution, device,
+        cache, base.vae, None if clip is None else clip_encoder_from_transformers(clip.model), config.resolution, device,
         enabled=config.cache_features, directory=feature_cache_folder(config, weight_dtype),
         deterministic=config.deterministic,
     )
@@ -390,19 +454,20 @@ def _train(config: FitConfig, accelerator, stop_after: int | None) -> TrainResul
     accumulation = config.gradient_accumulation_steps
     scheduler_steps = base.noise_scheduler.config.num_train_timesteps
     progress = tqdm(total=config.max_steps, initial=start_step, desc="fit", disable=not accelerator.is_local_main_process)
+    assemble = assemble_inv_adapter_batch if config.method == "inv-adapter" else assemble_batch
     model.train()
     for step in range(start_step, config.max_steps):
         step_losses: dict[str, float] = {}
         for micro in range(accumulation):
             samples = plan.step_samples(step * accumulation + micro, config.batch_size, accelerator.process_index,
                                         accelerator.num_processes)
-            batch = assemble_batch(samples, features, cache, base.text, base.vae.config, scheduler_steps, device)
+            batch = assemble(samples, features, cache, base.text, base.vae.config, scheduler_steps, device)
             with accelerator.accumulate(model):
                 losses = model(batch)
                 accelerator.backward(losses["loss"])
                 optimizer.step()
                 optimizer.zero_grad()
-            step_module.frozen.binding.set_identity(None)  # free E_r's per-block K/V before the next step
+            step_module.release()
             values = {name: float(value.detach()) for name, value in losses.items()}
             meter.add(values)
             for name, value in values.items():
@@ -417,7 +482,7 @@ def _train(config: FitConfig, accelerator, stop_after: int | None) -> TrainResul
         if done % config.log_every == 0 or done == config.max_steps:
             values = meter.reduce(accelerator)
             values["train/lr"] = lr_scheduler.get_last_lr()[0]
-            values.update(gate_values(adapter))
+            values.update(eaa_gate_values(adapter) if isinstance(adapter, InvAdapter) else gate_values(adapter))
             accelerator.log(values, step=done)
         if done % config.checkpoint_every == 0 or done == config.max_steps:
             result.checkpoint = save_checkpoint(accelerator, output_dir, done, adapter, optimizer, lr_scheduler,

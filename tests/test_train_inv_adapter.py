@@ -1,0 +1,70 @@
+"""`python -m train fit` with `method: inv-adapter` (train/inv_adapter_step.py): the same prepare/fit/export path
+trains Inv-Adapter's EAA alone, on tiny local models (tests/train_fixtures.py), CPU, nothing downloaded."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idadapter_core.hosts import DiffusersInvAdapter
+from idadapter_core.inv_adapter import InvAdapter, load_inv_adapter
+from test_train_fit import forget_accelerate_state, no_downloads, one_thread, settings, workspace  # noqa: F401
+from train.checkpoints import ADAPTER_FILE, CHECKPOINTS_DIR
+from train.config import ConfigError, resolve_config
+from train.export import export_checkpoint
+from train.fit import build_training_step, train
+from train.cache import TrainCache
+
+
+def inv_settings(ws, out: str, **overrides) -> dict:
+    values = settings(ws, out, method="inv-adapter", clip_vision="", face_id_weight=0.0, identity_dropout=0.0,
+                      max_steps=3, checkpoint_every=3)
+    values.update(overrides)
+    return values
+
+
+@pytest.mark.parametrize("reference_features", ["noised", "inversion"])
+def test_fit_trains_only_the_eaa_and_exports_an_inv_adapter_file(workspace, reference_features, tmp_path):  # noqa: F811
+    config = resolve_config(None, inv_settings(workspace, f"inv-{reference_features}", reference_features=reference_features,
+                                               inversion_steps=4))
+    torch.manual_seed(config.seed)
+    initial = {k: v.clone() for k, v in build_training_step(config, TrainCache(config.cache), torch.device("cpu"))[0]
+               .adapter.state_dict().items()}
+    forget_accelerate_state()
+    result = train(config)
+    assert isinstance(result.adapter, InvAdapter) and result.step == 3
+    assert all(torch.isfinite(torch.tensor(step["loss"])) for step in result.losses)
+    trained = result.adapter.state_dict()
+    assert set(trained) == set(initial)  # only the EAA is trained and saved
+    changed = [k for k in trained if not torch.equal(trained[k], initial[k])]
+    assert any(k.endswith("self_gate") for k in changed) and any(k.endswith("cross_v.weight") for k in changed)
+    checkpoint = workspace["root"] / f"inv-{reference_features}" / CHECKPOINTS_DIR / "step-00000003"
+    assert (checkpoint / ADAPTER_FILE).is_file()
+    out = export_checkpoint(checkpoint, tmp_path / "inv.safetensors", dtype="fp32")
+    loaded = load_inv_adapter(out, require_known_base=False)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_eaa_starts_as_a_copy_of_each_blocks_self_attention_and_leaves_the_unet_unchanged(workspace):  # noqa: F811
+    config = resolve_config(None, inv_settings(workspace, "inv-init"))
+    step, clip = build_training_step(config, TrainCache(config.cache), torch.device("cpu"))
+    assert clip is None
+    unet = step.frozen.base.unet
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert torch.equal(step.adapter.blocks[0].self_k.weight, blocks[0].attn1.to_k.weight)
+    assert all(float(b.self_gate) == 0 and not b.cross_v.weight.any() for b in step.adapter.blocks)
+    step.frozen.binding.detach()
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        bare = unet(x, 10, encoder_hidden_states=context).sample
+        with DiffusersInvAdapter(unet, step.adapter) as binding:
+            binding.set_reference(binding.record_reference(ref, 10, context))
+            assert torch.equal(unet(x, 10, encoder_hidden_states=context).sample, bare)
+
+
+def test_inv_adapter_settings_are_checked(workspace):  # noqa: F811
+    with pytest.raises(ConfigError, match="sample grids"):
+        resolve_config(None, inv_settings(workspace, "inv-bad", sample_every=2))
+    with pytest.raises(ConfigError, match="reference_features must be one of"):
+        resolve_config(None, inv_settings(workspace, "inv-bad", reference_features="magic"))

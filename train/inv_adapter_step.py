@@ -1,0 +1,132 @@
+"""One training step of Inv-Adapter (docs/DESIGN.md §3): only the EAA trains, on the diffusion loss.
+
+Per sample: a target image of an identity and one other image of it as the reference (the target itself when the
+identity has a single image). The reference's features come from a reference pass of the frozen UNet at the target's
+timestep, on the null prompt, and enter the generation pass through the EAA. Where the reference latent at that
+timestep comes from is a choice (`reference_features`, our inference, papers.md §4.6 [I]):
+- "noised" (default): the reference latent forward-noised to the timestep, z_t = sqrt(ᾱ_t)·z_0 + sqrt(1 − ᾱ_t)·ε —
+  the cheap stand-in for an inversion trajectory (both are latents at the same noise level);
+- "inversion": the point of its DDIM inversion (null prompt, `inversion_steps` steps) nearest to the timestep, as at
+  inference; each reference is inverted once per run and kept.
+Inv-Adapter needs no identity dropout: at inference both CFG branches get the EAA, so there is no "without identity"
+input to learn. A face-ID loss is not part of this method (the paper's losses are unknown; ours: diffusion only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser
+from idadapter_core.inv_adapter import InvAdapter, ddim_invert, inversion_sigmas
+
+from .models import BaseModel
+
+REFERENCE_FEATURES = ("noised", "inversion")
+
+
+@dataclass
+class InvAdapterBatch:
+    latents: torch.Tensor
+    """(B, C, h, w) scaled VAE latents of the targets."""
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    reference_latents: torch.Tensor
+    """(B, C, h, w) scaled VAE latents of each sample's reference image."""
+    reference_noise: torch.Tensor
+    reference_rows: list[int]
+    """Cache rows of the references (keys of the inversion cache)."""
+    token_ids: dict[str, torch.Tensor]
+    null_token_ids: dict[str, torch.Tensor]
+    time_ids: torch.Tensor
+
+
+@dataclass
+class _Frozen:
+    """Not a module: DDP and `parameters()` see the EAA alone."""
+
+    base: BaseModel
+    binding: DiffusersInvAdapter
+
+
+class InvAdapterTrainingStep(nn.Module):
+    """forward(batch) -> the step's losses; the only registered submodule is the EAA (`adapter`)."""
+
+    def __init__(self, adapter: InvAdapter, base: BaseModel, reference_features: str = "noised",
+                 inversion_steps: int = 50) -> None:
+        super().__init__()
+        if reference_features not in REFERENCE_FEATURES:
+            raise ValueError(f"reference_features must be one of {REFERENCE_FEATURES}, got '{reference_features}'")
+        self.adapter = adapter
+        self.frozen = _Frozen(base, DiffusersInvAdapter(base.unet, adapter))
+        self.reference_features = reference_features
+        self.inversion_steps = inversion_steps
+        self._trajectories: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, batch: InvAdapterBatch) -> dict[str, torch.Tensor]:
+        base = self.frozen.base
+        scheduler = base.noise_scheduler
+        unet_dtype = base.unet.dtype
+        null_context, null_pooled = base.text.encode(batch.null_token_ids)
+        context, pooled = base.text.encode(batch.token_ids)
+        with torch.no_grad():
+            reference = self._reference_inputs(batch, null_context)
+            reference_added = {"text_embeds": null_pooled, "time_ids": batch.time_ids} if base.is_sdxl else None
+            features = self.frozen.binding.record_reference(
+                reference.to(unet_dtype), batch.timesteps, null_context.to(unet_dtype), added_cond_kwargs=reference_added
+            )
+        self.frozen.binding.set_reference(features)
+        noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        added = {"text_embeds": pooled, "time_ids": batch.time_ids} if base.is_sdxl else None
+        prediction = base.unet(noisy.to(unet_dtype), batch.timesteps, encoder_hidden_states=context.to(unet_dtype),
+                               added_cond_kwargs=added).sample
+        if base.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+        else:
+            target = batch.noise
+        diffusion = F.mse_loss(prediction.float(), target.float())
+        return {"diffusion_loss": diffusion, "loss": diffusion}
+
+    def release(self) -> None:
+        """Free the step's projected reference features once its backward has run."""
+        self.frozen.binding.set_reference(None)
+
+    def _reference_inputs(self, batch: InvAdapterBatch, null_context: torch.Tensor) -> torch.Tensor:
+        """The references' UNet inputs at each sample's timestep."""
+        scheduler = self.frozen.base.noise_scheduler
+        if self.reference_features == "noised":
+            return scheduler.add_noise(batch.reference_latents, batch.reference_noise, batch.timesteps)
+        alphas = scheduler.alphas_cumprod.to(batch.latents.device)
+        inputs = []
+        for i, (row, timestep) in enumerate(zip(batch.reference_rows, batch.timesteps.tolist())):
+            sigmas, trajectory = self._trajectory(row, batch.reference_latents[i : i + 1], null_context[i : i + 1])
+            a = float(alphas[timestep])
+            index = int((sigmas.log() - torch.tensor(((1 - a) / a) ** 0.5).log()).abs().argmin())
+            inputs.append(trajectory[index] * a**0.5)  # x_σ -> the UNet's input z_t = x_σ·sqrt(ᾱ_t)
+        return torch.cat(inputs)
+
+    def _trajectory(self, row: int, latent: torch.Tensor, null_context: torch.Tensor):
+        if row not in self._trajectories:
+            base = self.frozen.base
+            unet = base.unet
+            self.frozen.binding.weight, weight = 0.0, self.frozen.binding.weight  # the plain UNet inverts
+            try:
+                denoise, schedule = diffusers_denoiser(unet, base.noise_scheduler.alphas_cumprod, base.prediction_type,
+                                                       null_context.to(unet.dtype))
+                sigmas = inversion_sigmas(schedule, self.inversion_steps)
+                trajectory = ddim_invert(lambda x, s: denoise(x.to(unet.dtype), s).float(), latent.float(), sigmas)
+            finally:
+                self.frozen.binding.weight = weight
+            self._trajectories[row] = (sigmas, trajectory)
+        return self._trajectories[row]
+
+
+def eaa_gate_values(adapter: InvAdapter) -> dict[str, float]:
+    """tanh(γ) of every block's self-attention gate and the size of its cross branch's value projection."""
+    values = {}
+    for index, block in enumerate(adapter.blocks):
+        values[f"gates/self/{index:02d}"] = float(torch.tanh(block.self_gate.detach().float()))
+        values[f"cross_v_norm/{index:02d}"] = float(block.cross_v.weight.detach().float().norm())
+    return values
