@@ -117,11 +117,15 @@ def comfy_run(args) -> dict:
     spec.loader.exec_module(pack)
     binding = importlib.import_module("comfyui_idadapter.nodes.inv_adapter_binding")
     comfy_binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
+    comfy_patches = importlib.import_module("comfyui_idadapter.nodes.comfy_patches")
+    schedule = importlib.import_module("comfyui_idadapter.idadapter_core.schedule")
     inv = importlib.import_module("comfyui_idadapter.idadapter_core.inv_adapter")
 
-    unet_config = dict(image_size=args.size // 8, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
-                       channel_mult=(1, 2, 4, 4), num_heads=8, use_spatial_transformer=True, transformer_depth=1,
-                       context_dim=768, use_linear_in_transformer=False)
+    unet_config = dict(image_size=args.size // 8, in_channels=4, model_channels=320, out_channels=4,
+                       num_res_blocks=[2, 2, 2, 2], channel_mult=(1, 2, 4, 4), num_heads=8, use_spatial_transformer=True,
+                       transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                       transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
+                       use_linear_in_transformer=False)  # ComfyUI's SD1.5 UNet
     torch.manual_seed(0)
     unet = UNetModel(**unet_config, operations=comfy.ops.disable_weight_init).eval()
     with torch.no_grad():
@@ -136,12 +140,11 @@ def comfy_run(args) -> dict:
             torch.nn.init.normal_(block.cross_v.weight, std=0.02)
     adapter = comfy_binding.LoadedAdapter(model, None, "bench", "")
     reference = inv.ReferenceTrajectory(torch.tensor([1.0]), torch.zeros(1, 1, 4, 1, 1), {}, "bench")
-    window = binding.StepWindow(1.0, float("inf"), 0.0)
-    patch = binding.InvAdapterPatch(adapter, reference, window, blocks.first_block, None, True)
-    replaces = {"attn1": {}, "attn2": {}}
-    self_attention, cross_attention = binding.EAAAttention(patch, False), binding.EAAAttention(patch, True)
-    for key in blocks.replace_keys:
-        replaces["attn1"][key], replaces["attn2"][key] = self_attention, cross_attention
+    window = schedule.StepWindow(float("inf"), 0.0)
+    patch = binding.InvAdapterPatch(adapter, reference, 1.0, window, blocks.first_block, None, True)
+    chained = {name: comfy_patches.ChainedReplace(binding.EAAAttention(patch, name == "attn2"), comfy_patches.comfy_attention)
+               for name in ("attn1", "attn2")}
+    replaces = {name: {key: replace for key in blocks.replace_keys} for name, replace in chained.items()}
     g = torch.Generator().manual_seed(1)
     latent = args.size // 8
     x, ref = torch.randn(2, 4, latent, latent, generator=g), torch.randn(1, 4, latent, latent, generator=g)

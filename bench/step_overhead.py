@@ -24,6 +24,11 @@ Memory: adapter parameters (blocks + cross-attention K/V deltas; MFF and identit
 Goals: (a) <= 1.1 x (b); (c) <= 0.85; extra memory (parameters + K/V cache + step peak) <= adapter size + 5 %.
 Prints a table with PASS/MISS per goal and exits 0 (it is a report).
 Run: `.venv/bin/python bench/step_overhead.py [--quick] [--json PATH]` (full: about 10 minutes on 2 cores).
+
+`--host` (needs COMFYUI_PATH; `step_overhead_host.py`) measures the same adapter where users run it: KSampler steps
+in a real ComfyUI with and without Apply IDAdapter, fp16 and fp32 weights files, ComfyUI's default CPU attention
+and `--use-pytorch-cross-attention`, the faster mode and the per-step K/V path, and optionally the pack before a
+change (`--before PATH`). Run: `COMFYUI_PATH=... python bench/step_overhead.py --host [--rounds 3] [--json PATH]`.
 """
 from __future__ import annotations
 
@@ -486,6 +491,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--host" in argv:
+        from bench.step_overhead_host import run_host
+
+        return run_host([arg for arg in argv if arg != "--host"])
     args = parse_args(argv)
     settings = Settings(
         latent=args.latent or (32 if args.quick else 64),

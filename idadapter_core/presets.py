@@ -43,6 +43,26 @@ class UNetLayout:
             and self.context_dim == other.context_dim
         )
 
+    def differences(self, other: "UNetLayout") -> list[str]:
+        """How this layout's shape differs from `other`'s, in words (empty when they are the same shape)."""
+        found = []
+        if self.num_blocks != other.num_blocks:
+            def widths(layout: UNetLayout) -> str:
+                return "/".join(str(c) for c in sorted(set(layout.block_channels)))
+
+            found.append(
+                f"{self.num_blocks} vs {other.num_blocks} transformer blocks (widths {widths(self)} vs {widths(other)})"
+            )
+        else:
+            for what, mine, theirs in (("width", self.block_channels, other.block_channels),
+                                       ("heads", self.block_heads, other.block_heads)):
+                index = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+                if index is not None:
+                    found.append(f"block {index} has {what} {mine[index]} vs {theirs[index]}")
+        if self.context_dim != other.context_dim:
+            found.append(f"text context width {self.context_dim} vs {other.context_dim}")
+        return found
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -134,7 +154,11 @@ def check_layout(
             )
         return
     if not weights_layout.same_shape_as(model_layout):
+        if model_layout.base in PRESETS and model_layout.base != weights_layout.base:
+            advice = f"use {method} weights trained for {model_layout.base}"
+        else:
+            advice = f"use {method} weights trained for a UNet of this model's layout"
         raise IncompatibleWeightsError(
-            f"{source} is for {weights_layout.describe()}, but the model is {model_layout.describe()}; "
-            f"use {method} weights trained for {model_layout.base}."
+            f"{source} is for {weights_layout.describe()}, but the model is {model_layout.describe()} "
+            f"(weights vs model: {'; '.join(weights_layout.differences(model_layout))}); {advice}."
         )

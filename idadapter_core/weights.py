@@ -3,7 +3,8 @@ it is for (`format`, `format_version`, ...; docs/DESIGN.md, "Weights format"). E
 (`idadapter/files.py`, ...) build on `read_weights` / `write_weights` / `check_state_dict`.
 
 Reading never unpickles anything: the header is checked by hand before safetensors parses the file, so a
-pickle, a PyTorch zip checkpoint or a truncated download gets a message that says so. Writes go to a
+pickle, a PyTorch zip checkpoint or a truncated download gets a message that says so; a tensor holding NaN or
+infinity is refused by name. Writes go to a
 temporary file in the target folder and are renamed into place, so a file is never left half written.
 """
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _check_safetensors_container(path: Path) -> None:
             kind = "a PyTorch zip checkpoint" if head[:2] == b"PK" else "a Python pickle"
             raise WeightsFormatError(
                 f"{path.name} is {kind}, not safetensors. This pack only loads .safetensors files (pickles can run code "
-                "when loaded); use the .safetensors release of these weights or convert them with the trainer's export."
+                "when loaded); use the .safetensors release of these weights (for weights you trained, "
+                "`python -m train export` writes one)."
             )
         if len(head) < 8:
             raise WeightsFormatError(f"{path.name} is empty or truncated ({size} bytes); download or export it again.")
@@ -82,6 +84,16 @@ def _check_safetensors_container(path: Path) -> None:
         )
 
 
+def _check_finite(file_name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """NaN or infinity in any weight makes every image black without a word: refuse the file, naming the tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsFormatError(
+                f"{file_name} has NaN or infinite values in tensor '{name}'; the file is damaged or was exported from "
+                "a training run that diverged. Download it again, or export a checkpoint from before the divergence."
+            )
+
+
 def read_weights(path: str | os.PathLike, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a weights file of `expected_format`, or a WeightsFormatError saying what is wrong."""
     path = Path(path)
@@ -94,6 +106,7 @@ def read_weights(path: str | os.PathLike, expected_format: str) -> tuple[dict[st
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsFormatError(f"{path.name} could not be read as safetensors ({exc}); download or export it again.") from None
+    _check_finite(path.name, tensors)
     found = metadata.get("format")
     if found != expected_format:
         what = f"a '{found}' file" if found else "a safetensors file without adapter metadata (another model's weights?)"
@@ -158,3 +171,25 @@ def load_adapter(
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
+
+
+def adapter_metadata(file_format: str, layout: UNetLayout, config_json: str, **details: str) -> dict[str, str]:
+    """The metadata every adapter file carries (what it is, which UNet it is for, the config that rebuilds it), plus
+    the method's own `details`."""
+    return {
+        "format": file_format,
+        "format_version": str(FORMAT_VERSION),
+        "base": layout.base,
+        "context_dim": str(layout.context_dim),
+        "block_channels": json.dumps(list(layout.block_channels)),
+        **details,
+        "config": config_json,
+    }
+
+
+def save_adapter(path: str | os.PathLike, module: nn.Module, metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
+    """Write an adapter's state dict (cast to `dtype` if given) with its metadata, atomically."""
+    tensors = module.state_dict()
+    if dtype is not None:
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    write_weights(path, tensors, metadata)

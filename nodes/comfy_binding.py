@@ -3,37 +3,44 @@
 The adapter runs in the `middle_patch` slot of every `BasicTransformerBlock` (between self- and
 cross-attention, where ComfyUI's own GLIGEN hooks in); the block is found from `transformer_index`
 (counts SpatialTransformers in forward order) and `block_index` (depth inside one), mapped to our
-forward-order block index by walking the model once. The trained cross-attention K/V differences are
-weight patches on the cloned ModelPatcher. The patch object follows the protocol of ComfyUI's native
-model-patch nodes (`__call__`, `.to()`, `.models()`, `.cleanup()`), so the adapter weights load and
-offload with the UNet.
+forward-order block index by walking the model once. The trained cross-attention K/V differences enter
+through each block's attn2 replace patch (chained onto any already there, `comfy_patches.py`) as
+K + s·ΔW_K·c, V + s·ΔW_V·c, so the weight and the start/end window govern them like the adapter, and
+outside the window the block computes exactly what the unpatched model computes. The patch objects follow
+the protocol of ComfyUI's native model-patch nodes (`__call__`, `.to()`, `.models()`, `.cleanup()`), so
+the adapter weights load and offload with the UNet.
 """
 from __future__ import annotations
 
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
-from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+from comfy.cli_args import args
+from comfy.ldm.modules.attention import SpatialTransformer, attention_pytorch, attention_sub_quad, optimized_attention
 
 from ..idadapter_core.errors import IncompatibleWeightsError
-from ..idadapter_core.idadapter import IDAdapter, IdentityEmbeds, ReferenceKV, load_idadapter
+from ..idadapter_core.idadapter import IdentityEmbeds, ReferenceKV, load_idadapter
 from ..idadapter_core.presets import UNetLayout, check_layout, identify_layout
+from ..idadapter_core.schedule import BLOCK_MODES, AdapterStrength, StepWindow, adapter_blocks, check_schedule
 from ..idadapter_core.weights import file_fingerprint
+from .comfy_patches import attention_inputs, record_attention_inputs, set_attention_replace
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class LoadedIDAdapter:
-    """The IDADAPTER type: the modules (built with manual_cast ops) and the patcher that manages their memory."""
+class LoadedAdapter:
+    """The IDADAPTER and INV_ADAPTER types: the modules (built with manual_cast ops) and the patcher that manages
+    their memory with the UNet's."""
 
-    model: IDAdapter
+    model: torch.nn.Module
     patcher: comfy.model_patcher.ModelPatcher
     name: str
     fingerprint: str
@@ -43,17 +50,29 @@ class LoadedIDAdapter:
         return self.model.config
 
 
-def load_idadapter_for_comfy(path: str, name: str) -> LoadedIDAdapter:
-    model = load_idadapter(
+def load_adapter_for_comfy(path: str, name: str, loader: Callable[..., torch.nn.Module]) -> LoadedAdapter:
+    """Load either method's weights with `loader` (`load_idadapter`, `load_inv_adapter`) onto the offload device,
+    wrapped so ComfyUI loads and offloads them with the UNet (lowvram included). The weights are stored in the dtype
+    ComfyUI would compute a UNet in on this device (fp32 on CPU, usually fp16 on a GPU), as it does for a checkpoint:
+    manual_cast then has nothing to convert at each step (an fp16 file on CPU cost ~0.4 GB of casts per step)."""
+    model = loader(
         path, operations=comfy.ops.manual_cast, require_known_base=False,
         device=comfy.model_management.unet_offload_device(),
     )
-    model.eval().requires_grad_(False)
+    parameters = list(model.parameters())
+    dtype = comfy.model_management.unet_dtype(
+        model_params=sum(p.numel() for p in parameters), weight_dtype=parameters[0].dtype if parameters else None
+    )
+    model.to(dtype=dtype).eval().requires_grad_(False)
     patcher = comfy.model_patcher.CoreModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
-    return LoadedIDAdapter(model, patcher, name, file_fingerprint(path))
+    return LoadedAdapter(model, patcher, name, file_fingerprint(path))
+
+
+def load_idadapter_for_comfy(path: str, name: str) -> LoadedAdapter:
+    return load_adapter_for_comfy(path, name, load_idadapter)
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,8 @@ class ComfyUNetBlocks:
     """Forward-order index of the first transformer block of each SpatialTransformer (by transformer_index)."""
     block_names: tuple[str, ...]
     """State-dict prefix of each transformer block, in forward order."""
+    replace_keys: tuple[tuple[str, int, int], ...]
+    """Each transformer block's key in `patches_replace` ((block name, block number, depth index)), in forward order."""
 
 
 def describe_unet(diffusion_model, model_name: str = "model", prediction: str | None = None) -> ComfyUNetBlocks:
@@ -71,25 +92,31 @@ def describe_unet(diffusion_model, model_name: str = "model", prediction: str | 
     stages = getattr(diffusion_model, "input_blocks", None)
     if stages is None:
         raise IncompatibleWeightsError(
-            f"IDAdapter works with SD1.x/SD2.x/SDXL UNets; this model ({type(diffusion_model).__name__}) has no UNet input blocks"
+            f"the identity adapters work with SD1.x/SD2.x/SDXL UNets; this model ({type(diffusion_model).__name__}) has no UNet input blocks"
         )
     names = {id(module): name for name, module in diffusion_model.named_modules()}
-    first_block, block_names, channels, heads = [], [], [], []
+    first_block, block_names, replace_keys, channels, heads = [], [], [], [], []
     context_dim = None
-    for stage in [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]:
+    stages = [
+        *(("input", i, stage) for i, stage in enumerate(diffusion_model.input_blocks)),
+        ("middle", 0, diffusion_model.middle_block),
+        *(("output", i, stage) for i, stage in enumerate(diffusion_model.output_blocks)),
+    ]
+    for stage_name, stage_number, stage in stages:
         for layer in stage:
             if not isinstance(layer, SpatialTransformer):
                 continue
             first_block.append(len(block_names))
-            for block in layer.transformer_blocks:
+            for depth, block in enumerate(layer.transformer_blocks):
                 block_names.append(f"diffusion_model.{names[id(block)]}")
+                replace_keys.append((stage_name, stage_number, depth))
                 channels.append(block.attn1.to_q.in_features)
                 heads.append(block.n_heads)
                 context_dim = block.attn2.to_k.in_features
     if not block_names:
-        raise IncompatibleWeightsError("this model has no transformer blocks to apply IDAdapter to")
+        raise IncompatibleWeightsError("this model has no transformer blocks to apply an identity adapter to")
     layout = identify_layout(tuple(channels), tuple(heads), context_dim, prediction=prediction, unknown_base=model_name)
-    return ComfyUNetBlocks(layout, tuple(first_block), tuple(block_names))
+    return ComfyUNetBlocks(layout, tuple(first_block), tuple(block_names), tuple(replace_keys))
 
 
 def model_prediction(model) -> str:
@@ -98,47 +125,51 @@ def model_prediction(model) -> str:
     return "v_prediction" if getattr(model_type, "name", "") == "V_PREDICTION" else "epsilon"
 
 
+def adapter_attention(device: torch.device):
+    """The attention kernel the adapter runs with: ComfyUI's own (through its attention wrapper, so a model's
+    attention override applies), except on a CPU where ComfyUI fell back to sub-quadratic attention by default
+    (no --use-quad-cross-attention): there PyTorch's SDPA, blockwise too and so no hungrier, runs the adapter's
+    attention over [y, E_r] (4096 x 5121 in SD1.5's highest-resolution blocks) about twice as fast; the UNet's own
+    attention keeps ComfyUI's kernel (docs/DESIGN.md §6)."""
+    if device.type == "cpu" and optimized_attention is attention_sub_quad and not args.use_quad_cross_attention:
+        return attention_pytorch
+    return optimized_attention
+
+
 class IDAdapterPatch:
-    """middle_patch: y + β·tanh(γ)·S([y, E_r]) (+ gated FF) in every transformer block, between start and end."""
+    """middle_patch: y + β·tanh(γ)·S([y, E_r]) (+ gated FF) in the chosen transformer blocks, inside the window."""
 
     def __init__(
-        self, adapter: LoadedIDAdapter, embeds: IdentityEmbeds, weight: float,
-        sigma_start: float, sigma_end: float, first_block: tuple[int, ...],
+        self, adapter: LoadedAdapter, embeds: IdentityEmbeds, scale: float, window: StepWindow,
+        first_block: tuple[int, ...], blocks: frozenset[int],
     ) -> None:
         self.adapter = adapter
         self.reference_tokens = embeds.reference_tokens
-        self.weight = weight
-        self.sigma_start = sigma_start
-        self.sigma_end = sigma_end
+        self.scale = scale
+        self.window = window
         self.first_block = first_block
-        self._reference_kv: dict[tuple, list[ReferenceKV]] = {}
-        self._step_sigmas: torch.Tensor | None = None
-        self._step_active = False
+        self.blocks = blocks
+        self._reference_kv: dict[tuple, dict[int, ReferenceKV]] = {}
 
     def __call__(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        if not self._active(extra_options.get("sigmas")):
+        if not self.window.contains(extra_options.get("sigmas")):
             return x
         index = self.first_block[extra_options["transformer_index"]] + extra_options.get("block_index", 0)
-        attention = functools.partial(optimized_attention, attn_precision=extra_options.get("attn_precision"))
+        if index not in self.blocks:
+            return x
+        attention = functools.partial(
+            adapter_attention(x.device), attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+        )
         block = self.adapter.model.blocks[index]
-        return x + block.residual(x, self._references(x)[index], self.weight, attention)
+        return x + block.residual(x, self._references(x)[index], self.scale, attention)
 
-    def _active(self, sigmas) -> bool:
-        if self.weight == 0:
-            return False
-        if sigmas is None:
-            return True
-        if sigmas is not self._step_sigmas:  # read the sigma once per step, not in every block (a device sync)
-            sigma = float(sigmas.detach().max())
-            self._step_sigmas, self._step_active = sigmas, self.sigma_end <= sigma <= self.sigma_start
-        return self._step_active
-
-    def _references(self, x: torch.Tensor) -> list[ReferenceKV]:
-        """E_r's per-block K/V, computed once per device and dtype (E_r is constant during sampling)."""
+    def _references(self, x: torch.Tensor) -> dict[int, ReferenceKV]:
+        """E_r's K/V for each chosen block, computed once per device and dtype (E_r is constant during sampling)."""
         key = (x.device, x.dtype)
         if key not in self._reference_kv:
+            e_r = self.reference_tokens.to(x)
             with torch.no_grad():
-                self._reference_kv[key] = self.adapter.model.blocks.reference_kv(self.reference_tokens.to(x))
+                self._reference_kv[key] = {i: self.adapter.model.blocks[i].reference_kv(e_r) for i in self.blocks}
         return self._reference_kv[key]
 
     def to(self, device_or_dtype):
@@ -152,37 +183,61 @@ class IDAdapterPatch:
 
     def cleanup(self) -> None:
         self._reference_kv.clear()
-        self._step_sigmas = None
+        self.window.reset()
 
 
-def apply_idadapter(model, adapter: LoadedIDAdapter, embeds: IdentityEmbeds, weight: float, start_at: float, end_at: float):
-    """A clone of MODEL carrying the adapter patch and the cross-attention K/V weight patches."""
+class CrossAttentionKVPatch:
+    """attn2 replace patch of one block: its trained cross-attention K/V differences, W + s·ΔW, inside the window;
+    outside it the keys and values go on untouched. The previous replace patch of the block (another pack's, or
+    ComfyUI's own attention) runs on the result."""
+
+    def __init__(self, adapter: LoadedAdapter, index: int, scale: float, window: StepWindow) -> None:
+        self.adapter = adapter
+        self.index = index
+        self.scale = scale
+        self.window = window
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, inner) -> torch.Tensor:
+        if self.window.contains(extra_options.get("sigmas")):
+            _, context, value = attention_inputs(extra_options, "attn2")
+            k, v = self.adapter.model.cross_kv[self.index].shift(k, v, context, value, self.scale)
+        return inner(q, k, v, extra_options)
+
+    def models(self) -> list:
+        return [self.adapter.patcher]
+
+
+def apply_idadapter(
+    model, adapter: LoadedAdapter, embeds: IdentityEmbeds, strength: AdapterStrength, start_at: float, end_at: float,
+    blocks_mode: str = BLOCK_MODES[0],
+):
+    """A clone of MODEL with the adapter (middle_patch) and the trained cross-attention K/V differences (attn2 replace
+    patches, chained onto any already there), both at `strength` and only between start_at and end_at."""
     embeds.check_made_by(adapter.fingerprint, adapter.name)
-    blocks = describe_unet(
+    check_schedule(start_at, end_at)
+    unet = describe_unet(
         model.get_model_object("diffusion_model"), type(model.model.model_config).__name__, model_prediction(model)
     )
-    check_layout(adapter.config.layout, blocks.layout, adapter.name)
-    model_sampling = model.get_model_object("model_sampling")
-    patch = IDAdapterPatch(
-        adapter, embeds, weight,
-        sigma_start=float(model_sampling.percent_to_sigma(start_at)),
-        sigma_end=float(model_sampling.percent_to_sigma(end_at)),
-        first_block=blocks.first_block,
-    )
+    check_layout(adapter.config.layout, unet.layout, adapter.name)
     patched = model.clone()
-    patched.set_model_patch(patch, "middle_patch")
-    kv_patches = {}
-    for name, kv in zip(blocks.block_names, adapter.model.cross_kv):
-        kv_patches[f"{name}.attn2.to_k.weight"] = ("diff", (kv.to_k.diff.detach(),))
-        kv_patches[f"{name}.attn2.to_v.weight"] = ("diff", (kv.to_v.diff.detach(),))
-    if kv_patches:
-        missing = set(kv_patches) - set(patched.add_patches(kv_patches, 1.0))
-        if missing:
-            raise IncompatibleWeightsError(f"the model has no weight {sorted(missing)[0]} for the trained cross-attention K/V")
+    if strength.is_off:
+        log.info("IDAdapter: weight 0, the model is left as it is")
+        return patched
+    model_sampling = model.get_model_object("model_sampling")
+    window = StepWindow(float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
+    if strength.adapter_scale:
+        blocks = adapter_blocks(unet.layout, blocks_mode)
+        patched.set_model_patch(
+            IDAdapterPatch(adapter, embeds, strength.adapter_scale, window, unet.first_block, blocks), "middle_patch"
+        )
+    if strength.kv_scale and len(adapter.model.cross_kv):
+        record_attention_inputs(patched, "attn2")
+        for index, key in enumerate(unet.replace_keys):
+            set_attention_replace(patched, "attn2", key, CrossAttentionKVPatch(adapter, index, strength.kv_scale, window))
     return patched
 
 
-def encode_identity(adapter: LoadedIDAdapter, clip_patches, face_embeds, clip_image_embeds) -> IdentityEmbeds:
+def encode_identity(adapter: LoadedAdapter, clip_patches, face_embeds, clip_image_embeds) -> IdentityEmbeds:
     """Run MFF and the identity-token MLP once, on the device ComfyUI loads the adapter to."""
     comfy.model_management.load_models_gpu([adapter.patcher])
     device = adapter.patcher.load_device
@@ -211,7 +266,7 @@ def trigger_token_id(clip, key: str, trigger_word: str) -> int:
     return ids[0]
 
 
-def identity_tokens_for_clip(clip, tokens: dict, adapter: LoadedIDAdapter, embeds: IdentityEmbeds) -> dict[str, torch.Tensor]:
+def identity_tokens_for_clip(clip, tokens: dict, adapter: LoadedAdapter, embeds: IdentityEmbeds) -> dict[str, torch.Tensor]:
     """E_c for each text encoder in this CLIP's `tokens`; a clear error when the weights were trained for others."""
     keys = set(tokens)
     trained = adapter.config.layout.text_widths

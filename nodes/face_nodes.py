@@ -14,14 +14,16 @@ import torch
 from comfy_api.latest import io
 
 from ..idadapter_core.face import (
-    CLIP_CROP_SCALE, FACE_MODEL_NAMES, FILL_MODES, AlignedReference, ClipEncoder, as_face_analyzer,
-    available_providers, extract_face_features, load_face_analyzer,
+    CLIP_CROP_SCALE, DEFAULT_SAME_PERSON_THRESHOLD, FACE_MODEL_NAMES, FILL_MODES, AlignedReference, ClipEncoder,
+    as_face_analyzer, available_providers, extract_face_features, load_face_analyzer,
 )
 from .pack_types import CATEGORY, FaceFeaturesType
 
 log = logging.getLogger(__name__)
 
 INSIGHTFACE_FOLDER = "insightface"
+MORE_IMAGES = tuple(f"image_{i}" for i in range(2, 17))
+"""Names of Extract Face Features' optional photo inputs after `image` (ComfyUI shows one more as each is linked)."""
 
 
 def register_insightface_folder() -> None:
@@ -37,13 +39,23 @@ register_insightface_folder()
 
 
 def insightface_model_names() -> list[str]:
-    """antelopev2 and buffalo_l first, then any other pack found under `<root>/models/`."""
+    """antelopev2 and buffalo_l first, then any other pack found under `<root>/models/`, and packs unzipped one level
+    too high (`<root>/<name>/*.onnx`), which load with a warning saying where they belong (`find_model_dir`)."""
     found = set()
     for root in folder_paths.get_folder_paths(INSIGHTFACE_FOLDER):
         models = os.path.join(root, "models")
         if os.path.isdir(models):
             found.update(entry for entry in os.listdir(models) if os.path.isdir(os.path.join(models, entry)))
+        if os.path.isdir(root):
+            found.update(
+                entry for entry in os.listdir(root)
+                if entry != "models" and any(f.endswith(".onnx") for f in _files(os.path.join(root, entry)))
+            )
     return [*FACE_MODEL_NAMES, *sorted(found - set(FACE_MODEL_NAMES))]
+
+
+def _files(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
 
 
 def comfy_clip_encoder(clip_vision) -> ClipEncoder:
@@ -55,6 +67,18 @@ def comfy_clip_encoder(clip_vision) -> ClipEncoder:
         return output.penultimate_hidden_states, output.image_embeds
 
     return encode
+
+
+def reference_images(image: torch.Tensor, more_images: dict[str, torch.Tensor] | None) -> tuple[list[torch.Tensor], list[str]]:
+    """Every photo of the `image` batch and of the extra inputs, each at its own size, with the name a warning
+    gives it: the input's name, and its place in the batch when the batch holds several."""
+    inputs = [("image", image), *((name, more_images[name]) for name in MORE_IMAGES if name in (more_images or {}))]
+    images, names = [], []
+    for name, batch in inputs:
+        for index, single in enumerate(batch):
+            images.append(single)
+            names.append(name if len(batch) == 1 else f"{name} {index + 1}/{len(batch)}")
+    return images, names
 
 
 def draw_references(references: Sequence[AlignedReference], arcface_scale: float = CLIP_CROP_SCALE) -> np.ndarray:
@@ -121,14 +145,24 @@ class ExtractFaceFeatures(io.ComfyNode):
             node_id="IDAdapterExtractFaceFeatures",
             display_name="Extract Face Features",
             category=CATEGORY,
-            description="Detects and aligns one face per reference image and computes the ArcFace embeddings and "
-                        "CLIP features of N references for Encode Identity. Images without a usable face are "
-                        "skipped with a warning.",
+            description="Detects and aligns one face per reference photo (any size; link more photos to the extra "
+                        "inputs) and computes the ArcFace embeddings and CLIP features of N references for Encode "
+                        "Identity. Photos without a usable face are skipped with a warning; another warning names any "
+                        "face that does not look like the same person as the others.",
             inputs=[
                 io.FaceAnalysis.Input("face_analysis", tooltip="From Load InsightFace."),
                 io.ClipVision.Input("clip_vision",
                                     tooltip="From Load CLIP Vision: the model the IDAdapter weights name (ViT-H-14)."),
-                io.Image.Input("image", tooltip="1 to N reference photos of one person (a batch)."),
+                io.Image.Input("image", tooltip="A photo of the person, or a batch of same-size photos."),
+                io.Autogrow.Input(
+                    "more_images", optional=True,
+                    template=io.Autogrow.TemplateNames(
+                        io.Image.Input("image", tooltip="Another photo of the same person, at its own size."),
+                        names=list(MORE_IMAGES), min=0,
+                    ),
+                    tooltip="More photos of the person, any size and orientation, each used as it is (Batch Images "
+                            "would crop them all to the first one's shape); another input appears as each is linked.",
+                ),
                 io.Int.Input("num_refs", default=4, min=1, max=16,
                              tooltip="N, the number of references the identity is built from (the paper uses 4)."),
                 io.Combo.Input(
@@ -142,6 +176,13 @@ class ExtractFaceFeatures(io.ComfyNode):
                              tooltip="Faces whose box is smaller than this many pixels are not used."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, advanced=True,
                              tooltip="Seed of the 'augment' fill mode's random flips, rotations and colours."),
+                io.Float.Input(
+                    "same_person_threshold", default=DEFAULT_SAME_PERSON_THRESHOLD, min=-1.0, max=1.0, step=0.01,
+                    optional=True, advanced=True,
+                    tooltip="A warning names any photo whose face's ArcFace similarity to the other photos' person "
+                            "is below this (measured: one person 0.65 and up, different people 0.1 and below). "
+                            "-1 turns the check off.",
+                ),
             ],
             outputs=[
                 FaceFeaturesType.Output(display_name="FACE_FEATURES"),
@@ -152,13 +193,16 @@ class ExtractFaceFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_analysis, clip_vision, image: torch.Tensor, num_refs: int, fill_mode: str,
-                face_index: int, min_face_size: int, seed: int) -> io.NodeOutput:
+                face_index: int, min_face_size: int, seed: int, more_images: io.Autogrow.Type = None,
+                same_person_threshold: float = DEFAULT_SAME_PERSON_THRESHOLD) -> io.NodeOutput:
         face_analysis = as_face_analyzer(face_analysis)
-        progress = comfy.utils.ProgressBar(image.shape[0])
+        images, names = reference_images(image, more_images)
+        progress = comfy.utils.ProgressBar(len(images))
         features, references = extract_face_features(
-            face_analysis, image, comfy_clip_encoder(clip_vision), num_refs=num_refs, fill_mode=fill_mode,
+            face_analysis, images, comfy_clip_encoder(clip_vision), num_refs=num_refs, fill_mode=fill_mode,
             face_index=None if face_index < 0 else face_index, min_face_size=min_face_size, seed=seed,
-            on_progress=lambda done, total: progress.update_absolute(done, total),
+            image_names=names, on_progress=lambda done, total: progress.update_absolute(done, total),
+            same_person_threshold=same_person_threshold,
         )
         preview = torch.from_numpy(draw_references(references)).float() / 255.0
         return io.NodeOutput(features, preview)

@@ -6,10 +6,11 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..idadapter_core.idadapter import format_identity_prompt, load_identity_embeds, save_identity_embeds
 from ..idadapter_core.errors import IDAdapterError
+from ..idadapter_core.schedule import BLOCK_MODES, AdapterStrength
 from .comfy_binding import (
     apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy,
     replace_trigger_tokens, trigger_token_id,
@@ -19,13 +20,21 @@ from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType
 log = logging.getLogger(__name__)
 
 EMBEDS_FOLDER = "idadapter_embeds"
+MAX_NAME_BYTES = 200
+"""A saved identity's name, in UTF-8 bytes: with '.safetensors' and the temporary name it is written under first,
+it stays below the 255 bytes file systems allow."""
+WEIGHTS_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
+"""Listed in Load IDAdapter. Only .safetensors loads; a pickle or PyTorch checkpoint is listed so that picking it
+says why it is refused (weights.py), rather than the file silently not showing up."""
+KV_MODES = ("scaled by weight", "full strength (paper)")
+"""How Apply's weight treats the trained cross-attention K/V differences (schedule.AdapterStrength)."""
 
 
 def register_model_folder() -> None:
     """`models/idadapter` for the weights; a path already set in extra_model_paths.yaml is kept."""
     if "idadapter" not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path("idadapter", os.path.join(folder_paths.models_dir, "idadapter"), is_default=True)
-    folder_paths.folder_names_and_paths["idadapter"] = (folder_paths.folder_names_and_paths["idadapter"][0], {".safetensors"})
+    folder_paths.folder_names_and_paths["idadapter"] = (folder_paths.folder_names_and_paths["idadapter"][0], WEIGHTS_EXTENSIONS)
 
 
 def embeds_output_dir() -> str:
@@ -107,24 +116,33 @@ class ApplyIDAdapter(io.ComfyNode):
                 IDAdapterType.Input("idadapter", tooltip="From Load IDAdapter."),
                 IDEmbedsType.Input("id_embeds", tooltip="From Encode Identity or Load ID Embeds, made with the same weights."),
                 io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.05,
-                               tooltip="β of the paper: scales the adapter's contribution; 0 turns it off."),
+                               tooltip="β of the paper, the strength of the adapter and of the trained cross-attention "
+                                       "K/V (W + weight·ΔW): 0 turns IDAdapter off."),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule where the adapter starts acting."),
+                               tooltip="Fraction of the sampling schedule where IDAdapter (adapter and K/V) starts acting."),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule where the adapter stops acting."),
+                               tooltip="Fraction of the sampling schedule where IDAdapter (adapter and K/V) stops acting."),
+                io.Combo.Input(
+                    "cross_attention_kv", options=list(KV_MODES), default=KV_MODES[0], optional=True, advanced=True,
+                    tooltip="'scaled by weight': the trained K/V differences follow weight. 'full strength (paper)': "
+                            "they stay at 1 between start_at and end_at and weight scales only the adapter (β of the "
+                            "paper's eq. 7), so weight 0 still leaves the trained K/V on.",
+                ),
+                io.Combo.Input(
+                    "blocks", options=list(BLOCK_MODES), default=BLOCK_MODES[0], optional=True, advanced=True,
+                    tooltip="'all': the adapter in every transformer block (the paper). 'skip highest resolution': not "
+                            "in the blocks of the largest feature maps, about half of its cost (README, Speed); not "
+                            "part of the paper, so check the likeness.",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def validate_inputs(cls, start_at: float, end_at: float, **kwargs) -> bool | str:
-        if start_at > end_at:
-            return f"start_at ({start_at}) must not be after end_at ({end_at})"
-        return True
-
-    @classmethod
-    def execute(cls, model, idadapter, id_embeds, weight: float, start_at: float, end_at: float) -> io.NodeOutput:
-        return io.NodeOutput(apply_idadapter(model, idadapter, id_embeds, weight, start_at, end_at))
+    def execute(cls, model, idadapter, id_embeds, weight: float, start_at: float, end_at: float,
+                cross_attention_kv: str = KV_MODES[0], blocks: str = BLOCK_MODES[0]) -> io.NodeOutput:
+        strength = AdapterStrength(weight, kv_follows_weight=cross_attention_kv == KV_MODES[0])
+        return io.NodeOutput(apply_idadapter(model, idadapter, id_embeds, strength, start_at, end_at, blocks))
 
 
 class IdentityPrompt(io.ComfyNode):
@@ -166,13 +184,20 @@ class IdentityPrompt(io.ComfyNode):
 
 
 def safe_embeds_path(name: str) -> str:
-    """A file inside output/idadapter_embeds, refusing names that would leave it."""
+    """A file inside output/idadapter_embeds, refusing names that would leave it, that span lines or hold control
+    characters, or that are too long for a file name."""
     cleaned = name.strip()
     if cleaned.endswith(".safetensors"):
         cleaned = cleaned[: -len(".safetensors")]
-    if not cleaned or cleaned in (".", "..") or any(sep in cleaned for sep in ("/", "\\", "\0")) or ".." in cleaned or ":" in cleaned:
+    if (
+        not cleaned or cleaned in (".", "..") or any(sep in cleaned for sep in ("/", "\\")) or ".." in cleaned
+        or ":" in cleaned or any(ord(c) < 32 or ord(c) == 127 for c in cleaned)
+        or len(cleaned.encode("utf-8")) > MAX_NAME_BYTES
+    ):
+        shown = repr(name if len(name) <= 40 else name[:40] + "...")
         raise IDAdapterError(
-            f"'{name}' is not a plain file name; use letters, digits, '-', '_' (no folders, '..' or drive letters)."
+            f"{shown} is not a plain file name; use letters, digits, '-', '_' on one line, at most {MAX_NAME_BYTES} "
+            "characters (no folders, '..' or drive letters)."
         )
     folder = embeds_output_dir()
     path = os.path.abspath(os.path.join(folder, f"{cleaned}.safetensors"))
@@ -202,7 +227,9 @@ class SaveIDEmbeds(io.ComfyNode):
         path = safe_embeds_path(name)
         save_identity_embeds(path, id_embeds)
         log.info("IDAdapter: saved ID embeds to %s", path)
-        return io.NodeOutput(path)
+        saved = os.path.basename(path)
+        shown = f"saved {saved} in {EMBEDS_FOLDER}/ (Load ID Embeds lists it after a refresh)"
+        return io.NodeOutput(path, ui=ui.PreviewText(shown))
 
 
 class LoadIDEmbeds(io.ComfyNode):

@@ -6,12 +6,11 @@ ComfyUI's; an APPLY_MODEL wrapper captures the null prompt's conditioning on the
 - an APPLY_MODEL wrapper that, at each step inside [start, end], first runs the UNet on the inverted reference at the
   matching noise level with only a recording `attn1_patch` (the self-attention input of every block), then the
   real batch;
-- `attn1` and `attn2` replace patches on every transformer block that add the EAA (chaining any replace already set
-  for that block: it still computes the block's own attention).
+- `attn1` and `attn2` replace patches on every transformer block that add the EAA, chained with any replace already
+  set for that block (`comfy_patches.set_attention_replace`: it still computes the block's own attention).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -23,13 +22,14 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-from comfy.ldm.modules.attention import optimized_attention
 
 from ..idadapter_core.errors import IDAdapterError, IncompatibleWeightsError
 from ..idadapter_core.face import FaceAnalyzer, align_reference, detect_face, to_rgb_uint8
 from ..idadapter_core.inv_adapter import EAAReferenceKV, ReferenceTrajectory, ddim_invert, inversion_sigmas
 from ..idadapter_core.presets import check_layout
+from ..idadapter_core.schedule import StepWindow, check_schedule, require_finite
 from .comfy_binding import LoadedAdapter, describe_unet, model_prediction
+from .comfy_patches import comfy_attention, set_attention_replace
 
 log = logging.getLogger(__name__)
 
@@ -99,28 +99,6 @@ def invert_reference(model, vae, clip, image: torch.Tensor, steps: int, progress
     return ReferenceTrajectory(sigmas, trajectory[0].float(), captured, model_key(model))
 
 
-class StepWindow:
-    """Whether a step is inside [start, end] (as noise levels) with a non-zero weight; the step's sigma is read once
-    per step, not in every block (reading it is a device sync)."""
-
-    def __init__(self, weight: float, sigma_start: float, sigma_end: float) -> None:
-        self.weight = weight
-        self.sigma_start = sigma_start
-        self.sigma_end = sigma_end
-        self._sigmas: torch.Tensor | None = None
-        self._active = False
-
-    def active(self, sigmas: torch.Tensor | None) -> bool:
-        if self.weight == 0:
-            return False
-        if sigmas is None:
-            return True
-        if sigmas is not self._sigmas:
-            sigma = float(sigmas.detach().max())
-            self._sigmas, self._active = sigmas, self.sigma_end <= sigma <= self.sigma_start
-        return self._active
-
-
 @dataclass
 class _Bank:
     references: list[EAAReferenceKV] | None = None
@@ -130,10 +108,11 @@ class _Bank:
 class InvAdapterPatch:
     """The state shared by the wrapper and the attention replaces of one Apply Inv-Adapter."""
 
-    def __init__(self, adapter: LoadedAdapter, reference: ReferenceTrajectory, window: StepWindow,
+    def __init__(self, adapter: LoadedAdapter, reference: ReferenceTrajectory, weight: float, window: StepWindow,
                  first_block: tuple[int, ...], reference_sigma: float | None, cache_features: bool) -> None:
         self.adapter = adapter
         self.reference = reference
+        self.weight = weight
         self.window = window
         self.first_block = first_block
         self.reference_sigma = reference_sigma
@@ -152,7 +131,7 @@ class InvAdapterPatch:
 
     def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         sigmas = transformer_options.get("sigmas", t)
-        if not self.window.active(sigmas):
+        if self.weight == 0 or not self.window.contains(sigmas):
             self.bank.references = None
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         features = self._reference_features(executor, x, float(sigmas.detach().max()), transformer_options)
@@ -201,27 +180,26 @@ class InvAdapterPatch:
 
 
 class EAAAttention:
-    """An attn1 (`cross=False`) or attn2 replace patch adding the EAA to one kind of attention in every block."""
+    """An attn1 (`cross=False`) or attn2 replace patch (comfy_patches.ReplacePatch) adding the EAA to that attention
+    in every block; `inner` (whatever computed the block's attention before: another pack's patch or ComfyUI's own)
+    still computes the block's own part."""
 
-    def __init__(self, patch: InvAdapterPatch, cross: bool, previous: dict | None = None) -> None:
+    def __init__(self, patch: InvAdapterPatch, cross: bool) -> None:
         self.patch = patch
         self.cross = cross
-        self.previous = dict(previous or {})
-        """Replace patches that were set for these blocks before ours: they still compute each block's own attention."""
 
-    def __call__(self, q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        attention = functools.partial(optimized_attention, attn_precision=extra_options.get("attn_precision"))
-        key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
-        previous = self.previous.get(key) or self.previous.get(key[:2])
-        own_attention = attention if previous is None else (lambda q, k, v, heads: previous(q, k, v, extra_options))
+    def __call__(self, q, k, v, extra_options, inner):
         references = self.patch.bank.references
         if references is None:
-            return own_attention(q, k, v, heads)
+            return inner(q, k, v, extra_options)
         index = self.patch.block_index(extra_options)
         block = self.patch.adapter.model.blocks[index]
         attend = block.cross_attention if self.cross else block.self_attention
-        return attend(q, k, v, references[index], heads, self.patch.window.weight, attention, own_attention)
+        return attend(
+            q, k, v, references[index], extra_options["n_heads"], self.patch.weight,
+            attention=lambda q, k, v, heads: comfy_attention(q, k, v, extra_options),
+            own_attention=lambda q, k, v, heads: inner(q, k, v, extra_options),
+        )
 
     def to(self, device_or_dtype):
         self.patch.to(device_or_dtype)
@@ -243,16 +221,16 @@ def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTraject
             f"this reference was inverted with another model ({reference.model_key}) than the one it is applied to "
             f"({inverted_with}); run Invert Reference with the same MODEL you apply Inv-Adapter to."
         )
+    require_finite(weight=weight)
+    check_schedule(start_at, end_at)
     model_sampling = model.get_model_object("model_sampling")
     reference_sigma = None if reference_timestep < 0 else float(model_sampling.sigmas[min(reference_timestep, len(model_sampling.sigmas) - 1)])
-    window = StepWindow(weight, float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
-    patch = InvAdapterPatch(adapter, reference, window, blocks.first_block, reference_sigma, cache_features)
+    window = StepWindow(float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
+    patch = InvAdapterPatch(adapter, reference, weight, window, blocks.first_block, reference_sigma, cache_features)
     patched = model.clone()
-    replaces = patched.model_options["transformer_options"].get("patches_replace", {})
-    self_attention = EAAAttention(patch, cross=False, previous=replaces.get("attn1"))
-    cross_attention = EAAAttention(patch, cross=True, previous=replaces.get("attn2"))
-    for name, number, depth in blocks.replace_keys:
-        patched.set_model_attn1_replace(self_attention, name, number, depth)
-        patched.set_model_attn2_replace(cross_attention, name, number, depth)
+    self_attention, cross_attention = EAAAttention(patch, cross=False), EAAAttention(patch, cross=True)
+    for key in blocks.replace_keys:
+        set_attention_replace(patched, "attn1", key, self_attention)
+        set_attention_replace(patched, "attn2", key, cross_attention)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, patch.apply_model_wrapper)
     return patched

@@ -1,6 +1,7 @@
 """Random-weight models written in ComfyUI's own formats, for the host integration tests (no downloads)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,6 +19,18 @@ TINY_SD15_UNET = dict(
     transformer_depth_output=[1, 1, 1, 1], context_dim=768, use_linear_in_transformer=False,
 )
 TINY_SD15_LAYOUT = UNetLayout("SD15", (320, 640, 640, 640, 640, 320, 320), (8,) * 7, 768, {"l": 768})
+TINY_SD15_DIFFUSERS_UNET = dict(
+    layers_per_block=1, block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D",) * 2,
+    up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=768, attention_head_dim=8,
+)
+"""The diffusers UNet2DConditionModel of the same shape as TINY_SD15_UNET (`comfy.utils.unet_to_diffusers` maps one
+onto the other)."""
+SD_VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                       ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+"""SD1.x's KL autoencoder, the one size ComfyUI reads a checkpoint's `first_stage_model.encoder.*` keys as."""
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", clip_sample=False, steps_offset=1)
+"""SD1.5's noise schedule, the one ComfyUI gives an SD1.5 checkpoint."""
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -34,22 +47,103 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def write_tiny_sd15_checkpoint(path: Path) -> Path:
-    """UNet + CLIP-L text encoder + a TAESD as the VAE (ComfyUI loads a checkpoint's `taesd_*` VAE keys as TAESD)."""
+def write_tiny_sd15_checkpoint(path: Path, vae: str = "taesd") -> Path:
+    """UNet + CLIP-L text encoder + a VAE: a TAESD (small; ComfyUI loads a checkpoint's `taesd_*` VAE keys as TAESD),
+    or with vae="kl" SD's own KL autoencoder, which diffusers' single-file loader (the trainer's --single-file) reads
+    too, so that the trainer and ComfyUI load the very same file."""
     import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from comfy.sd1_clip import SDClipModel
     from comfy.taesd.taesd import TAESD
 
+    if vae not in ("taesd", "kl"):
+        raise ValueError(f"vae must be 'taesd' or 'kl', got {vae!r}")
     ops = comfy.ops.disable_weight_init
     unet = randomize_(UNetModel(**TINY_SD15_UNET, operations=ops), 0)
     clip = randomize_(SDClipModel(), 1)
-    vae = randomize_(TAESD(latent_channels=4), 2)
+    autoencoder = TAESD(latent_channels=4) if vae == "taesd" else AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4)
+    randomize_(autoencoder, 2)
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     sd.update({f"cond_stage_model.{k}": v for k, v in clip.state_dict().items()})
-    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    sd.update({f"first_stage_model.{k}": v for k, v in autoencoder.state_dict().items()})
     save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items() if v.is_floating_point()}, str(path))
     return path
+
+
+def write_tiny_sd15_config_folder(folder: Path) -> Path:
+    """The local diffusers config folder that diffusers' single-file loader (the trainer's --config-folder) reads a
+    `write_tiny_sd15_checkpoint(vae="kl")` file with: the configs of its UNet (TINY_SD15_DIFFUSERS_UNET), VAE, CLIP-L
+    text encoder (ComfyUI's sd1_clip_config.json) and scheduler, and ComfyUI's own CLIP tokenizer files (77 tokens,
+    as SD1.5's). No weights."""
+    import comfy.sd1_clip
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    comfy_dir = Path(comfy.sd1_clip.__file__).parent
+    with torch.device("meta"):  # configs only: nothing is allocated
+        UNet2DConditionModel(sample_size=32, **TINY_SD15_DIFFUSERS_UNET).save_config(folder / "unet")
+        AutoencoderKL(
+            block_out_channels=tuple(SD_VAE_DDCONFIG["ch"] * m for m in SD_VAE_DDCONFIG["ch_mult"]),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+            layers_per_block=SD_VAE_DDCONFIG["num_res_blocks"], sample_size=256,
+        ).save_config(folder / "vae")
+    DDPMScheduler(**SD15_SCHEDULER).save_pretrained(folder / "scheduler")
+    text = json.loads((comfy_dir / "sd1_clip_config.json").read_text())
+    CLIPTextConfig(**{k: v for k, v in text.items() if k in CLIPTextConfig().to_dict() and k != "model_type"}
+                   ).save_pretrained(folder / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(comfy_dir / "sd1_tokenizer", model_max_length=77)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    components = {"scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                  "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                  "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+                  "feature_extractor": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False, **components}, indent=2))
+    return folder
+
+
+def comfy_clip_vision_config(name: str) -> dict:
+    """One of ComfyUI's CLIP vision configs (`comfy/clip_vision_config_<name>.json`), as Load CLIP Vision uses it."""
+    import comfy.clip_vision
+
+    return json.loads((Path(comfy.clip_vision.__file__).parent / f"clip_vision_config_{name}.json").read_text())
+
+
+def write_clip_vision(path: Path, config: dict, seed: int = 3) -> Path:
+    """A random-weight CLIP vision model of `config` in ComfyUI's layout, float16 as the released files are. Load CLIP
+    Vision reads such a file when `config` is one of its own (ViT-L/14, `comfy_clip_vision_config("vitl")`, is the
+    smallest); `load_clip_vision(path, config)` reads it with any config."""
+    import comfy.clip_vision
+
+    model = randomize_(comfy.clip_vision.ClipVisionModel(dict(config)).model, seed)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def load_clip_vision(path: Path, config: dict):
+    """ComfyUI's ClipVisionModel of `config` with the weights of `path`: what Load CLIP Vision does once it has picked
+    the config from the file's keys (`comfy.clip_vision.load_clipvision_from_sd`), for configs it does not know."""
+    import comfy.clip_vision
+    from safetensors.torch import load_file
+
+    clip_vision = comfy.clip_vision.ClipVisionModel(dict(config))
+    missing, unexpected = clip_vision.load_sd(load_file(str(path)))
+    assert not missing and not unexpected, (missing, unexpected)
+    return clip_vision
+
+
+def write_transformers_clip_vision(folder: Path, comfy_file: Path, config: dict) -> Path:
+    """The same CLIP vision weights as a transformers CLIPVisionModelWithProjection folder, what the trainer's
+    --clip-vision takes. ComfyUI keeps transformers' key names (vision_model.*, visual_projection.weight), so
+    the ComfyUI file itself is the folder's model.safetensors (linked); config.json is ComfyUI's config."""
+    from transformers import CLIPVisionConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    known = CLIPVisionConfig().to_dict()
+    CLIPVisionConfig(**{k: v for k, v in config.items() if k in known and k != "model_type"}).save_pretrained(folder)
+    (folder / "model.safetensors").symlink_to(comfy_file.resolve())
+    return folder
 
 
 def tiny_adapter_config(layout: UNetLayout = TINY_SD15_LAYOUT, face_dim: int = 128, clip_dim: int = 1024,

@@ -19,23 +19,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig  # noqa: E402
-
-
-def tiny_unet_config(cross_attention_dim: int = 24) -> dict:
-    """Two attention levels (the second with two transformer layers), so forward order has depth inside blocks."""
-    return dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 2),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+from train.tiny_models import tiny_unet_config  # noqa: E402,F401  (tests import it from here)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import shared_assets_or_skip
-from face_models import write_model_pack
+from train.tiny_face_models import write_model_pack
 from idadapter_core.errors import IDAdapterError
 from recognizer_archs import (
     IRESNET50_STAGES, IRESNET100_STAGES, IResNet, MobileFaceNet, export_like_insightface, randomize,

@@ -29,6 +29,7 @@ def host(comfy_pack, tmp_path_factory):
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), embedding_directory=None)
     write_adapter(root / "idadapter" / "tiny.safetensors", tiny_adapter_config(), seed=0, kv_scale=0.02)
     write_adapter(root / "idadapter" / "closed.safetensors", tiny_adapter_config(), seed=0, open_gates=False)
+    write_adapter(root / "idadapter" / "kv-only.safetensors", tiny_adapter_config(), seed=0, open_gates=False, kv_scale=0.05)
     write_adapter(root / "idadapter" / "other.safetensors", tiny_adapter_config(), seed=1)
     wrong_layout = UNetLayout("custom", (320, 640), (8, 8), 768, {"l": 768})
     write_adapter(root / "idadapter" / "wrong-base.safetensors", tiny_adapter_config(wrong_layout))
@@ -59,18 +60,36 @@ def encode(host, adapter, seed=0) -> IdentityEmbeds:
     return host["nodes"].EncodeIdentity.execute(adapter, fake_features(adapter.config, seed)).result[0]
 
 
-def apply(host, adapter, embeds, weight=1.0, start_at=0.0, end_at=1.0, model=None):
-    return host["nodes"].ApplyIDAdapter.execute(model or host["model"], adapter, embeds, weight, start_at, end_at).result[0]
+def apply(host, adapter, embeds, weight=1.0, start_at=0.0, end_at=1.0, model=None, **options):
+    return host["nodes"].ApplyIDAdapter.execute(
+        model or host["model"], adapter, embeds, weight, start_at, end_at, **options
+    ).result[0]
 
 
-def sample(model, clip, seed=0, batch=1, steps=2):
+def sample(model, clip, seed=0, batch=1, steps=2, denoised=None):
+    """Euler samples; `denoised` (a list) receives each step's x0 prediction."""
     import comfy.sample
 
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a man"))
     uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = torch.zeros(batch, 4, 8, 8)
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", cond, uncond, latent, seed=seed)
+    callback = None if denoised is None else (lambda step, x0, x, total: denoised.append(x0.clone()))
+    return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", cond, uncond, latent, seed=seed,
+                               callback=callback, disable_pbar=True)
+
+
+def with_static_kv_patches(model, adapter, strength):
+    """The K/V differences as ComfyUI weight patches at a fixed strength: the reference for the dynamic path."""
+    binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
+    blocks = binding.describe_unet(model.get_model_object("diffusion_model"))
+    patched = model.clone()
+    patches = {}
+    for name, kv in zip(blocks.block_names, adapter.model.cross_kv):
+        patches[f"{name}.attn2.to_k.weight"] = ("diff", (kv.to_k.diff.detach(),))
+        patches[f"{name}.attn2.to_v.weight"] = ("diff", (kv.to_v.diff.detach(),))
+    assert len(patched.add_patches(patches, strength)) == len(patches)
+    return patched
 
 
 def model_hash(model) -> str:
@@ -87,8 +106,10 @@ def test_apply_returns_a_patched_clone_and_leaves_the_input_model_untouched(host
     options_before = repr(model.model_options)
     adapter = load(host, "tiny.safetensors")
     patched = apply(host, adapter, encode(host, adapter))
-    assert patched is not model and "middle_patch" in patched.model_options["transformer_options"]["patches"]
-    assert len(patched.patches) == 2 * len(TINY_SD15_LAYOUT.block_channels)  # K and V of every cross-attention
+    options = patched.model_options["transformer_options"]
+    assert patched is not model and "middle_patch" in options["patches"]
+    # the K/V differences ride in every block's attn2 replace patch, never in the shared weights
+    assert patched.patches == {} and len(options["patches_replace"]["attn2"]) == len(TINY_SD15_LAYOUT.block_channels)
     sample(patched, host["clip"])
     # ComfyUI patches the shared weights while the clone is loaded and restores them when another model loads
     import comfy.model_management
@@ -111,6 +132,130 @@ def test_adapter_changes_the_image_and_weight_zero_does_not(host):
     embeds = encode(host, adapter)
     assert (sample(apply(host, adapter, embeds), host["clip"]) - bare).abs().max() > 1e-3
     assert torch.equal(sample(apply(host, adapter, embeds, weight=0.0), host["clip"]), bare)
+
+
+def test_weight_zero_and_an_empty_window_turn_everything_off_trained_kv_included(host):
+    bare = sample(host["model"], host["clip"])
+    adapter = load(host, "tiny.safetensors")  # open gates and non-zero K/V differences
+    embeds = encode(host, adapter)
+    assert (sample(apply(host, adapter, embeds), host["clip"]) - bare).abs().max() > 1e-3
+    assert torch.equal(sample(apply(host, adapter, embeds, weight=0.0), host["clip"]), bare)
+    assert torch.equal(sample(apply(host, adapter, embeds, end_at=0.0), host["clip"]), bare)
+    kv_only = load(host, "kv-only.safetensors")
+    assert torch.equal(sample(apply(host, kv_only, encode(host, kv_only), weight=0.0), host["clip"]), bare)
+
+
+def test_steps_before_start_are_the_unpatched_models_steps(host):
+    import comfy.samplers
+
+    adapter = load(host, "tiny.safetensors")
+    patched = apply(host, adapter, encode(host, adapter), start_at=0.5)
+    bare_steps, patched_steps = [], []
+    sample(host["model"], host["clip"], steps=4, denoised=bare_steps)
+    sample(patched, host["clip"], steps=4, denoised=patched_steps)
+    model_sampling = host["model"].get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", 4)[:-1]
+    outside = int((sigmas > model_sampling.percent_to_sigma(0.5)).sum())
+    assert 0 < outside < 4
+    for step in range(outside):
+        assert torch.equal(patched_steps[step], bare_steps[step]), step
+    assert (patched_steps[outside] - bare_steps[outside]).abs().max() > 1e-4
+
+
+def model_output(model, sigma: float) -> torch.Tensor:
+    """One CFG-batched model call at noise level `sigma`, with the transformer options a sampler would pass."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    g = torch.Generator().manual_seed(3)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g)
+    sigmas = torch.full((2,), sigma)
+    options = {**model.model_options["transformer_options"], "sigmas": sigmas}
+    with torch.no_grad():
+        return model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)
+
+
+def test_steps_after_end_are_the_unpatched_models_steps(host):
+    adapter = load(host, "tiny.safetensors")
+    patched = apply(host, adapter, encode(host, adapter), end_at=0.5)
+    sigma_end = host["model"].get_model_object("model_sampling").percent_to_sigma(0.5)
+    assert torch.equal(model_output(patched, sigma_end * 0.5), model_output(host["model"], sigma_end * 0.5))
+    assert (model_output(patched, sigma_end * 2) - model_output(host["model"], sigma_end * 2)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("weight,mode,static_strength", [
+    (0.5, "scaled by weight", 0.5),
+    (-0.7, "scaled by weight", -0.7),
+    (0.0, "full strength (paper)", 1.0),
+    (0.3, "full strength (paper)", 1.0),
+])
+def test_weight_scales_the_trained_kv_like_a_weight_patch_unless_in_the_paper_form(host, weight, mode, static_strength):
+    """Closed gates, so only the K/V differences act: W + s·ΔW, s = weight, or 1 in the paper's form."""
+    adapter = load(host, "kv-only.safetensors")
+    ours = model_output(apply(host, adapter, encode(host, adapter), weight=weight, cross_attention_kv=mode), 5.0)
+    reference = model_output(with_static_kv_patches(host["model"], adapter, static_strength), 5.0)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    assert (ours - model_output(host["model"], 5.0)).abs().max() > 1e-2
+
+
+class OtherPacksReplace:
+    """Another pack's attn2 replace patch (IPAdapter-style): counts its calls, then attends as ComfyUI would."""
+
+    def __init__(self) -> None:
+        import comfy.model_patcher
+
+        self.calls = 0
+        self.patcher = comfy.model_patcher.CoreModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        self.calls += 1
+        return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
+
+    def models(self):
+        return [self.patcher]
+
+
+def test_apply_chains_the_replace_patches_already_there(host):
+    binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
+    blocks = binding.describe_unet(host["model"].get_model_object("diffusion_model"))
+    other = host["model"].clone()
+    by_index, by_block = OtherPacksReplace(), OtherPacksReplace()
+    name, number, depth = blocks.replace_keys[0]
+    other.set_model_attn2_replace(by_index, name, number, depth)  # keyed (name, number, depth)
+    name, number, _ = blocks.replace_keys[-1]
+    other.set_model_attn2_replace(by_block, name, number)  # keyed (name, number): ComfyUI's fallback key
+    adapter = load(host, "kv-only.safetensors")
+    patched = apply(host, adapter, encode(host, adapter), model=other)
+    assert {by_index.patcher, by_block.patcher, adapter.patcher} <= set(patched.model_patches_models())
+    ours = model_output(patched, 5.0)
+    assert by_index.calls == 1 and by_block.calls == 1  # theirs still run, on our K/V
+    torch.testing.assert_close(ours, model_output(with_static_kv_patches(host["model"], adapter, 1.0), 5.0),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_faster_mode_runs_the_adapter_in_fewer_blocks(host):
+    adapter = load(host, "other.safetensors")
+    calls, handles = count_adapter_calls(adapter)
+    try:
+        sample(apply(host, adapter, encode(host, adapter), blocks="skip highest resolution"), host["clip"], steps=1)
+    finally:
+        for h in handles:
+            h.remove()
+    narrow = [i for i, c in enumerate(TINY_SD15_LAYOUT.block_channels) if c == 320]
+    assert calls == [i for i in range(len(TINY_SD15_LAYOUT.block_channels)) if i not in narrow]
+
+
+@pytest.mark.parametrize("weight,start_at,end_at,expected", [
+    (float("nan"), 0.0, 1.0, "weight is nan"),
+    (1.0, float("nan"), 1.0, "start_at is nan"),
+    (1.0, 0.8, 0.2, r"start_at \(0.8\) is after end_at \(0.2\)"),
+])
+def test_apply_refuses_what_comfyui_range_checks_cannot(host, weight, start_at, end_at, expected):
+    adapter = load(host, "tiny.safetensors")
+    with pytest.raises(Exception, match=expected):
+        apply(host, adapter, encode(host, adapter), weight=weight, start_at=start_at, end_at=end_at)
 
 
 def count_adapter_calls(adapter):
@@ -199,11 +344,55 @@ def test_save_and_load_id_embeds(host):
     assert torch.equal(sample(apply(host, adapter, loaded), host["clip"]), sample(apply(host, adapter, embeds), host["clip"]))
 
 
-@pytest.mark.parametrize("name", ["../escape", "sub/alice", "..\\x", "/abs", "C:evil", "", ".."])
-def test_save_name_must_stay_in_the_output_folder(host, name):
+@pytest.mark.parametrize("name", ["../escape", "sub/alice", "..\\x", "/abs", "C:evil", "", "..", "x" * 250, "x" * 300,
+                                  "two\nlines", "tab\there"])
+def test_save_name_must_be_a_plain_name_in_the_output_folder(host, name):
     adapter = load(host, "tiny.safetensors")
     with pytest.raises(Exception, match="not a plain file name"):
         host["nodes"].SaveIDEmbeds.execute(encode(host, adapter), name)
+
+
+def test_save_id_embeds_shows_the_saved_name(host):
+    adapter = load(host, "tiny.safetensors")
+    output = host["nodes"].SaveIDEmbeds.execute(encode(host, adapter), "bob")
+    assert "bob.safetensors" in output.ui.as_dict()["text"][0]
+
+
+def test_weights_with_nan_or_inf_are_refused_naming_the_tensor(host):
+    from idadapter_core import IDAdapter, save_idadapter, save_identity_embeds
+
+    adapter = IDAdapter(tiny_adapter_config())
+    with torch.no_grad():
+        adapter.blocks[3].attn.to_q.weight[0, 0] = float("nan")
+    save_idadapter(host["root"] / "idadapter" / "nan.safetensors", adapter)
+    with pytest.raises(Exception, match=r"nan.safetensors has NaN or infinite values in tensor 'blocks.3.attn.to_q.weight'"):
+        load(host, "nan.safetensors")
+    embeds = encode(host, load(host, "tiny.safetensors"))
+    embeds.identity_tokens["l"][0, 5] = float("inf")
+    import folder_paths
+
+    save_identity_embeds(folder_paths.get_output_directory() + "/idadapter_embeds/inf.safetensors", embeds)
+    with pytest.raises(Exception, match=r"inf.safetensors has NaN or infinite values in tensor 'identity_tokens.l'"):
+        host["nodes"].LoadIDEmbeds.execute("inf.safetensors")
+
+
+def test_pickled_weights_are_listed_and_refused_with_the_reason(host):
+    import folder_paths
+
+    torch.save({"w": torch.zeros(2)}, host["root"] / "idadapter" / "legacy.bin")
+    assert "legacy.bin" in folder_paths.get_filename_list("idadapter")
+    with pytest.raises(Exception, match=r"legacy.bin is a PyTorch zip checkpoint, not safetensors.*python -m train export"):
+        load(host, "legacy.bin")
+
+
+def test_weights_for_a_layout_of_the_same_name_say_what_differs(host):
+    """The model is ComfyUI's SD15 with fewer blocks; weights named for 'SD15' with yet other blocks."""
+    same_name = UNetLayout("SD15", (320, 640), (8, 8), 768, {"l": 768})
+    write_adapter(host["root"] / "idadapter" / "same-name.safetensors", tiny_adapter_config(same_name))
+    adapter = load(host, "same-name.safetensors")
+    with pytest.raises(Exception, match=r"2 vs 7 transformer blocks \(widths 320/640 vs 320/640\)") as error:
+        apply(host, adapter, encode(host, adapter))
+    assert "trained for SD15" not in str(error.value)
 
 
 def test_patch_object_follows_the_model_patch_protocol(host):
@@ -255,8 +444,9 @@ def test_parity_with_the_diffusers_binding(host):
 
     with torch.no_grad():
         bare_comfy = comfy_unet(x, t, context, transformer_options={})
-    comfy.model_management.load_models_gpu([patched])  # applies the K/V weight patches
-    options = {"patches": patched.model_options["transformer_options"]["patches"]}
+    comfy.model_management.load_models_gpu([patched])
+    transformer_options = patched.model_options["transformer_options"]
+    options = {"patches": transformer_options["patches"], "patches_replace": transformer_options["patches_replace"]}
     with torch.no_grad():
         ours = comfy_unet(x, t, context, transformer_options=options)
     comfy.model_management.load_models_gpu([model])
@@ -299,7 +489,10 @@ def test_deep_blocks_run_in_forward_order_and_match_diffusers(comfy_pack, tmp_pa
     write_adapter(path, tiny_adapter_config(DEEP_LAYOUT))
     adapter = binding.load_idadapter_for_comfy(str(path), "deep.safetensors")
     embeds = encode({"nodes": importlib.import_module("comfyui_idadapter.nodes.idadapter_nodes")}, adapter)
-    patch = binding.IDAdapterPatch(adapter, embeds, 1.0, float("inf"), 0.0, blocks.first_block)
+    window = importlib.import_module("comfyui_idadapter.idadapter_core.schedule").StepWindow(float("inf"), 0.0)
+    patch = binding.IDAdapterPatch(
+        adapter, embeds, 1.0, window, blocks.first_block, frozenset(range(DEEP_LAYOUT.num_blocks))
+    )
 
     calls, handles = count_adapter_calls(adapter)
     g = torch.Generator().manual_seed(11)

@@ -125,7 +125,7 @@ def test_parity_with_the_diffusers_binding(host):
                           cross_attention_dim=768, attention_head_dim=8)
     adapter = load(host, "trained.safetensors")
     patched = apply(host, adapter)
-    patch = patched.model_options["transformer_options"]["patches_replace"]["attn1"][("input", 1, 0)].patch
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn1"][("input", 1, 0)].patch.patch
     g = torch.Generator().manual_seed(5)
     x, ref, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g)
     t = torch.tensor([600.0, 600.0])

@@ -11,13 +11,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from comfy_fixtures import randomize_, tiny_adapter_config, write_adapter, write_inv_adapter, write_tiny_sd15_checkpoint
+from comfy_fixtures import (
+    comfy_clip_vision_config, tiny_adapter_config, write_adapter, write_clip_vision, write_inv_adapter,
+    write_tiny_sd15_checkpoint,
+)
 from conftest import REPO_ROOT, comfyui_path_or_skip, shared_assets_or_skip
 from idadapter_core.presets import UNetLayout
 
@@ -28,15 +28,6 @@ PACK_NODES = {
     "IDAdapterApply", "IDAdapterIdentityPrompt", "IDAdapterSaveIDEmbeds", "IDAdapterLoadIDEmbeds",
     "IDAdapterFaceSimilarity", "InvAdapterLoader", "InvAdapterInvertReference", "InvAdapterApply",
 }
-
-
-def write_vitl_clip_vision(path: Path) -> None:
-    """A random-weight CLIP ViT-L/14 in the layout ComfyUI's Load CLIP Vision detects (the smallest it accepts)."""
-    import comfy.clip_vision
-
-    config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json"
-    model = randomize_(comfy.clip_vision.ClipVisionModel(str(config)).model, 3)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 def free_port() -> int:
@@ -62,7 +53,7 @@ def server(comfy_pack, tmp_path_factory):
 
     Image.new("RGB", (256, 256), (120, 120, 120)).save(base / "input/noface.png")
     write_tiny_sd15_checkpoint(models / "checkpoints/tiny-sd15.safetensors")
-    write_vitl_clip_vision(models / "clip_vision/vitl.safetensors")
+    write_clip_vision(models / "clip_vision/vitl.safetensors", comfy_clip_vision_config("vitl"))
     write_adapter(models / "idadapter/tiny.safetensors", tiny_adapter_config(), kv_scale=0.02)
     write_adapter(models / "idadapter/wrong-base.safetensors",
                   tiny_adapter_config(UNetLayout("custom", (320, 640), (8, 8), 768, {"l": 768})))
@@ -166,13 +157,26 @@ def test_pack_loads_and_lists_every_node(server):
                     assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 
+def input_names(definition: dict) -> set[str]:
+    """Every input a node definition accepts, an autogrow input's slots included (`more_images.image_2`, ...)."""
+    names = set()
+    for section in definition["input"].values():
+        for name, spec in section.items():
+            names.add(name)
+            if spec[0] == "COMFY_AUTOGROW_V3":
+                template = spec[1]["template"]
+                slots = template.get("names") or [f"{template['prefix']}{i}" for i in range(template["max"])]
+                names.update(f"{name}.{slot}" for slot in slots)
+    return names
+
+
 @pytest.mark.parametrize("name", ["idadapter_sd15", "idadapter_sdxl", "inv_adapter_sd15"])
 def test_shipped_workflows_match_the_node_definitions(server, name):
     info = get(server["url"], "/object_info")
     api = json.loads((REPO_ROOT / f"workflows/api/{name}.json").read_text())
     for node_id, node in api.items():
         definition = info[node["class_type"]]
-        known = {n for section in definition["input"].values() for n in section}
+        known = input_names(definition)
         assert set(node["inputs"]) <= known, (node_id, set(node["inputs"]) - known)
         required = set(definition["input"].get("required", {}))
         assert required <= set(node["inputs"]), (node_id, required - set(node["inputs"]))
@@ -185,8 +189,12 @@ def test_shipped_workflows_match_the_node_definitions(server, name):
     for node in ui["nodes"]:
         definition = info[node["type"]]
         for slot in node["inputs"]:
-            assert slot["name"] in {n for section in definition["input"].values() for n in section}
+            assert slot["name"] in input_names(definition)
         assert [o["type"] for o in node["outputs"]] == definition["output"]
+        # what the frontend reads to say which missing model goes where: a widget's file, in a real model folder
+        for model in node.get("properties", {}).get("models", []):
+            assert model["name"] in node["widgets_values"] and model["url"].startswith("https://")
+            assert model["directory"] in get(server["url"], "/models")
 
 
 def test_full_graph_runs_and_saves_an_image(server):
@@ -207,6 +215,34 @@ def test_bad_inputs_fail_the_prompt_with_a_clear_message_and_the_server_lives_on
     assert result["status"]["status_str"] == "error"
     assert expected in error_message(result), error_message(result)
     assert "IDAdapterApply" in get(server["url"], "/object_info/IDAdapterApply")
+
+
+@pytest.mark.parametrize("apply_inputs,expected", [
+    ({"weight": 3.5}, "Value 3.5 bigger than max of 3.0"),
+    ({"weight": float("inf")}, "Value inf bigger than max of 3.0"),
+    ({"end_at": -0.5}, "Value -0.5 smaller than min of 0.0"),
+])
+def test_comfyui_checks_the_ranges_of_apply(server, apply_inputs, expected):
+    """ComfyUI refuses the Apply branch up front (the face preview branch, valid, still runs)."""
+    body = json.dumps({"prompt": sd15_prompt(IDAdapterApply=apply_inputs), "client_id": "idadapter-tests"}).encode()
+    request = urllib.request.Request(server["url"] + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        answer = json.loads(err.read())
+    errors = answer["node_errors"]["8"]["errors"]
+    assert [e["message"] for e in errors] == [expected]
+
+
+@pytest.mark.parametrize("apply_inputs,expected", [
+    ({"weight": float("nan")}, "weight is nan; it must be a finite number."),
+    ({"start_at": 0.8, "end_at": 0.2}, "start_at (0.8) is after end_at (0.2)"),
+])
+def test_what_comfyui_cannot_check_fails_with_one_clear_message(server, apply_inputs, expected):
+    result = run_prompt(server, sd15_prompt(IDAdapterApply=apply_inputs))
+    assert result["status"]["status_str"] == "error"
+    assert error_message(result).count(expected) == 1, error_message(result)
 
 
 def test_save_name_leaving_the_output_folder_is_refused(server):

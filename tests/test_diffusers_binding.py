@@ -130,3 +130,21 @@ def test_refuses_adapter_for_another_unet(tiny_unet):
     adapter = tiny_adapter(layout_from_diffusers_unet(other))
     with pytest.raises(IncompatibleWeightsError, match="context 16.*context 24"):
         DiffusersIDAdapter(tiny_unet, adapter)
+
+
+def test_weight_scales_the_trained_kv_too_unless_in_the_papers_form(tiny_unet):
+    inputs = unet_inputs()
+    bare = run(tiny_unet, *inputs)
+    adapter = tiny_adapter(layout_from_diffusers_unet(tiny_unet))  # closed gates: only the K/V differences act
+    with torch.no_grad():
+        for kv in adapter.cross_kv:
+            kv.to_k.diff.normal_(std=0.1)
+            kv.to_v.diff.normal_(std=0.1)
+    with DiffusersIDAdapter(tiny_unet, adapter, weight=0.0) as binding:
+        binding.set_identity(identity(adapter).reference_tokens)
+        assert torch.equal(run(tiny_unet, *inputs), bare)
+        binding.weight = 1.0
+        full = run(tiny_unet, *inputs)
+        assert (full - bare).abs().max() > 1e-3
+        binding.weight, binding.kv_follows_weight = 0.0, False
+        assert torch.equal(run(tiny_unet, *inputs), full)

@@ -1,5 +1,5 @@
 """Face feature extraction through insightface's real loading and routing code, with tiny exported ONNX models
-(tests/face_models.py): a detector that finds red squares of known sizes and a random-weight recognizer."""
+(train/tiny_face_models.py): a detector that finds red squares of known sizes and a random-weight recognizer."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from face_models import ARCFACE_TEMPLATE, export_detector, square_faces_image, write_model_pack
+from train.tiny_face_models import ARCFACE_TEMPLATE, export_detector, square_faces_image, write_model_pack
 from idadapter_core import IDAdapter, MFFConfig
 from idadapter_core.errors import IDAdapterError
 from idadapter_core.face import (
@@ -305,7 +305,7 @@ def test_features_feed_encode_identity(analyzer, encode_clip):
 
 
 def test_clip_encoder_takes_the_penultimate_layer(clip_model, encode_clip):
-    crops = torch.rand(2, 224, 224, 3)
+    crops = torch.randint(0, 256, (2, 224, 224, 3)).float() / 255.0  # pixels of 8-bit images, as crops are
     hidden, image_embeds = encode_clip(crops)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -433,3 +433,25 @@ def test_another_packs_insightface_model_is_accepted_and_anything_else_refused(a
 def test_extreme_aspect_ratio_is_a_skip_reason_not_a_crash(analyzer):
     reason = detect_face(analyzer, np.full((3, 4000, 3), 128, np.uint8), 0)
     assert isinstance(reason, str) and "4000x3 px" in reason
+
+
+def test_references_of_one_person_are_grouped_and_others_named():
+    from idadapter_core.face import check_one_person
+
+    g = np.random.default_rng(0)
+    alice = g.normal(size=16)
+    people = [alice + 0.3 * g.normal(size=16) for _ in range(3)] + [g.normal(size=16)]
+    embeddings = np.stack([p / np.linalg.norm(p) for p in people])
+    check = check_one_person(embeddings, ["a", "b", "c", "d"], threshold=0.5)
+    assert check.person == [0, 1, 2] and list(check.others) == [3]
+    assert check.others[3] == pytest.approx(float((embeddings[:3] @ embeddings[3]).mean()))
+    assert "do not look like one person: d (similarity" in check.warning() and "against a, b, c" in check.warning()
+    assert check_one_person(embeddings[:3], ["a", "b", "c"], threshold=0.5).warning() is None
+    assert check_one_person(embeddings, list("abcd"), threshold=-1.0).warning() is None
+
+
+def test_the_no_face_message_gives_the_tips_for_the_reasons_found(analyzer):
+    with pytest.raises(NoFaceError) as caught:
+        find_reference_faces(analyzer, [faces_image()], face_index=5)
+    message = str(caught.value)
+    assert "set face_index to -1" in message and "detection size" not in message

@@ -15,7 +15,7 @@ from PIL import Image
 
 from comfy_fixtures import randomize_, tiny_adapter_config, write_adapter
 from conftest import shared_assets_or_skip
-from face_models import square_faces_image, write_model_pack
+from train.tiny_face_models import square_faces_image, write_model_pack
 
 pytestmark = pytest.mark.comfyui
 
@@ -169,6 +169,83 @@ def test_face_features_from_another_pack_type_are_refused(host):
         extract(host, object(), as_comfy_image(np.zeros((64, 64, 3), np.uint8)))
 
 
+def wide_and_tall_photos():
+    """A landscape and a portrait photo, each with its face near one end: at 256 px detection both are found."""
+    wide = square_faces_image((512, 256), [(416, 128, 128)], seed=1)
+    tall = square_faces_image((256, 512), [(128, 416, 128)], seed=1)
+    return as_comfy_image(wide), as_comfy_image(tall)
+
+
+def test_photos_of_different_sizes_go_in_as_they_are(host):
+    from comfy_extras.nodes_post_processing import batch_images
+
+    analyzer = load(host)
+    wide, tall = wide_and_tall_photos()
+    features, preview = host["nodes"].ExtractFaceFeatures.execute(
+        analyzer, host["clip_vision"], wide, 2, "replicate", -1, 64, 0, more_images={"image_2": tall}
+    ).result
+    assert features.source_indices == [0, 1] and not features.skipped and preview.shape[0] == 2
+    # what Batch Images does to them: the portrait is cropped to the landscape's shape and its face is lost
+    batched, _ = extract(host, analyzer, batch_images([wide, tall]), num_refs=2)
+    assert batched.source_indices == [0] and "no face found" in batched.skipped[1]
+
+
+def test_a_face_index_that_no_image_has_gets_the_face_index_tip(host):
+    image = as_comfy_image(square_faces_image((256, 256), [(128, 128, 128)]))
+    with pytest.raises(host["face"].NoFaceError, match="only 1 face.*set face_index to -1") as error:
+        extract(host, load(host), image, face_index=3)
+    assert "detection size" not in str(error.value)
+
+
+def test_a_pack_unzipped_without_the_models_level_is_offered(host, tmp_path, caplog):
+    import folder_paths
+
+    write_model_pack(tmp_path / "unzipped", "flat_pack", embed_dim=64)
+    (tmp_path / "unzipped" / "models" / "flat_pack").rename(tmp_path / "flat_pack")
+    folder_paths.add_model_folder_path("insightface", str(tmp_path))
+    assert "flat_pack" in host["nodes"].insightface_model_names()
+    with caplog.at_level(logging.WARNING):
+        assert load(host, "flat_pack").embed_dim == 64
+    assert "move the folder into 'models'" in caplog.text
+
+
+def test_face_similarity_takes_another_packs_insightface_and_refuses_anything_else(host):
+    from insightface.app import FaceAnalysis
+
+    evaluation = importlib.import_module("comfyui_idadapter.nodes.evaluation_nodes")
+    image = as_comfy_image(square_faces_image((256, 256), [(128, 128, 128)]))
+    with pytest.raises(host["errors"].IDAdapterError, match="Load InsightFace"):
+        evaluation.FaceSimilarity.execute(object(), image, image)
+    theirs = FaceAnalysis(name=str(host["root"] / "insightface" / "models" / "tiny_pack"),
+                          allowed_modules=["detection", "recognition"], providers=["CPUExecutionProvider"])
+    theirs.prepare(ctx_id=0, det_size=(256, 256))
+    scores, summary = evaluation.FaceSimilarity.execute(theirs, image, image).result
+    assert scores == [pytest.approx(1.0, abs=1e-5)]
+
+
+def test_references_of_different_people_are_named_in_a_warning(host, tmp_path, caplog):
+    import folder_paths
+
+    assets = shared_assets_or_skip()
+    shutil.copytree(assets / "insightface" / "models" / "standin_scrfd_mbf128", tmp_path / "models" / "standin_scrfd_mbf128")
+    folder_paths.add_model_folder_path("insightface", str(tmp_path))
+    analyzer = load(host, "standin_scrfd_mbf128", det_size=640)
+    photos = {name: as_comfy_image(np.asarray(Image.open(assets / "faces" / name).convert("RGB")))
+              for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")}
+    node = host["nodes"].ExtractFaceFeatures
+    with caplog.at_level(logging.WARNING):
+        one_person = node.execute(analyzer, host["clip_vision"], photos["obama.jpg"], 3, "replicate", -1, 64, 0,
+                                  more_images={"image_2": photos["obama2.jpg"], "image_3": photos["obama3.jpg"]})
+    assert one_person.result[0].source_indices == [0, 1, 2] and not one_person.result[0].other_people
+    assert "one person" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        mixed = node.execute(analyzer, host["clip_vision"], photos["obama.jpg"], 3, "replicate", -1, 64, 0,
+                             more_images={"image_2": photos["obama2.jpg"], "image_3": photos["biden.jpg"]})
+    features = mixed.result[0]
+    assert list(features.other_people) == [2] and features.other_people[2] < 0.1
+    assert f"do not look like one person: image_3 (similarity {features.other_people[2]:.2f})" in caplog.text
+
+
 # --- inside ComfyUI's executor --------------------------------------------------------------------------
 
 
@@ -222,7 +299,11 @@ def executor(host, monkeypatch):
         assert prompt_executor.success, [m for m in server.messages if m[0] == "execution_error"]
         events = dict(server.messages)
         executed = [d["node"] for e, d in server.messages if e == "executing" and d.get("node")]
-        return dict(cached=set(events["execution_cached"]["nodes"]), executed=executed)
+
+        def outputs(node_id: str) -> list:
+            return asyncio.run(prompt_executor.caches.outputs.get(node_id)).outputs
+
+        return dict(cached=set(events["execution_cached"]["nodes"]), executed=executed, outputs=outputs)
 
     return run
 
@@ -249,6 +330,19 @@ def test_rerun_with_unchanged_inputs_does_no_work(executor, caplog):
     assert again["cached"] == {"1", "2", "3", "4", "5"} and again["executed"] == []
     reseeded = executor(face_prompt(provider="CUDA", seed=1), "reseeded")
     assert set(reseeded["executed"]) == {"4", "5"} and {"1", "2", "3"} <= reseeded["cached"]
+
+
+def test_photos_of_different_sizes_through_comfyuis_executor(executor, host):
+    wide, tall = wide_and_tall_photos()
+    for name, photo in (("wide.png", wide), ("tall.png", tall)):
+        Image.fromarray((photo[0].numpy() * 255).round().astype(np.uint8)).save(host["root"] / "input" / name)
+    prompt = face_prompt()
+    prompt["3"]["inputs"]["image"] = "wide.png"
+    prompt["6"] = {"class_type": "LoadImage", "inputs": {"image": "tall.png"}}
+    prompt["4"]["inputs"]["more_images.image_2"] = ["6", 0]
+    result = executor(prompt, "two-sizes")
+    features = result["outputs"]("4")[0][0]
+    assert features.source_indices == [0, 1] and not features.skipped
 
 
 def test_real_standin_pack_through_the_nodes(host, tmp_path):

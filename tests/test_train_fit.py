@@ -1,5 +1,5 @@
 """`python -m train fit` and `python -m train export` (train/fit.py, data.py, models.py, checkpoints.py, export.py,
-config.py) on tiny local models (tests/train_fixtures.py): CPU, nothing downloaded.
+config.py) on tiny local models (train/tiny_models.py, tests/train_fixtures.py): CPU, nothing downloaded.
 
 One deterministic 6-step run (`baseline`) is the reference most tests compare with: a run killed at step 5 and resumed
 from its step-4 checkpoint, runs with the feature cache off or on disk, a run with gradient accumulation, the export."""
@@ -20,11 +20,8 @@ import torch
 import yaml
 
 from conftest import REPO_ROOT
-from face_models import ARCFACE_TEMPLATE
 from idadapter_core import load_idadapter
-from train_fixtures import (
-    FACE_DIM, FACE_PACK, IDENTITIES, RESOLUTION, write_tiny_cache, write_tiny_clip_vision, write_tiny_pipeline,
-)
+from train_fixtures import FACE_DIM, FACE_PACK, IDENTITIES, write_tiny_cache
 from train.__main__ import main
 from train.cache import TrainCache
 from train.checkpoints import ADAPTER_FILE, CHECKPOINTS_DIR, OPTIMIZER_FILE, list_checkpoints
@@ -33,6 +30,8 @@ from train.data import FrozenFeatures, ReferenceKey, SamplePlan
 from train.export import ExportError, export_checkpoint
 from train.fit import assemble_batch, build_training_step, train, weights_digest
 from train.losses import FaceDetections, FaceIDLoss
+from train.tiny_face_models import ARCFACE_TEMPLATE
+from train.tiny_models import RESOLUTION, write_tiny_clip_vision, write_tiny_pipeline
 
 
 def forget_accelerate_state() -> None:
@@ -406,7 +405,7 @@ def test_references_are_disjoint_from_the_target_and_filled_with_augmented_copie
 
 def test_long_captions_keep_the_identity_suffix(workspace):
     from train.models import TextConditioning
-    from train_fixtures import tiny_clip_tokenizer
+    from train.tiny_models import tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()
     text = TextConditioning({"l": (tokenizer, None)}, "sks", sdxl=False)

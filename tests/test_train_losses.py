@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import shared_assets_or_skip
-from face_models import ARCFACE_TEMPLATE, LANDMARKS_IN_STRIDES, square_faces_image, write_model_pack
+from train.tiny_face_models import ARCFACE_TEMPLATE, LANDMARKS_IN_STRIDES, square_faces_image, write_model_pack
 from idadapter_core.errors import IDAdapterError
 from idadapter_core.face import arcface_matrix, detect_face, load_face_analyzer, load_image, to_rgb_uint8
 from train.losses import (

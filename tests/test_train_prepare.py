@@ -1,6 +1,6 @@
 """`python -m train prepare` and the cache it writes (train/prepare.py, train/cache.py).
 
-Most tests use the tiny exported face models of tests/face_models.py (red squares as faces, a random-weight
+Most tests use the tiny exported face models of train/tiny_face_models.py (red squares as faces, a random-weight
 recognizer), so they run without any assets; one test runs the real stand-in insightface pack on real photos from
 ../shared/assets and is skipped when they are absent."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 
 import train.prepare as prepare_module
 from conftest import shared_assets_or_skip
-from face_models import square_faces_image, write_model_pack
+from train.tiny_face_models import square_faces_image, write_model_pack
 from idadapter_core.face import (
     Augmentation, align_reference, detect_face, load_face_analyzer, load_image, to_rgb_uint8,
 )

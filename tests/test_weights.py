@@ -186,3 +186,32 @@ def test_file_fingerprint_tracks_content(saved, tmp_path):
 def test_custom_base_can_wait_for_the_model(saved):
     _, path = saved
     assert load_idadapter(path, require_known_base=False).config.layout == TINY_LAYOUT
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_tensor_is_refused_naming_it(tmp_path, value):
+    from idadapter_core import IdentityEmbeds, load_identity_embeds, save_identity_embeds
+
+    adapter = tiny_adapter(TINY_LAYOUT)
+    with torch.no_grad():
+        adapter.blocks[1].ff[1].weight[2, 3] = value
+    save_idadapter(tmp_path / "bad.safetensors", adapter)
+    with pytest.raises(WeightsFormatError, match="bad.safetensors has NaN or infinite values in tensor 'blocks.1.ff.1.weight'"):
+        load_idadapter(tmp_path / "bad.safetensors", model_layout=TINY_LAYOUT)
+    tokens = torch.zeros(1, 3, 20)
+    tokens[0, 1, 2] = value
+    save_identity_embeds(tmp_path / "embeds.safetensors", IdentityEmbeds(tokens, {"l": torch.zeros(1, 24)}))
+    with pytest.raises(WeightsFormatError, match="tensor 'reference_tokens'"):
+        load_identity_embeds(tmp_path / "embeds.safetensors")
+
+
+def test_layouts_that_differ_say_how():
+    from idadapter_core.presets import check_layout
+
+    sd15 = PRESETS["sd15"]
+    short = UNetLayout("SD15", (320, 640), (8, 8), 768, {"l": 768})
+    with pytest.raises(IncompatibleWeightsError, match=r"16 vs 2 transformer blocks \(widths 320/640/1280 vs 320/640\)\); "
+                                                       r"use IDAdapter weights trained for a UNet of this model's layout"):
+        check_layout(sd15, short, "w.safetensors")
+    with pytest.raises(IncompatibleWeightsError, match=r"heads 8 vs 5; text context width 768 vs 1024\); use IDAdapter weights trained for sd21"):
+        check_layout(sd15, PRESETS["sd21"], "w.safetensors")

@@ -43,3 +43,16 @@ def test_workflows_use_only_this_pack_and_core_nodes(name):
         "IDAdapterApply", "IDAdapterIdentityPrompt", "IDAdapterFaceSimilarity",
         "InvAdapterLoader", "InvAdapterInvertReference", "InvAdapterApply",
     }
+
+
+@pytest.mark.parametrize("name", ["idadapter_sd15", "idadapter_sdxl"])
+def test_model_loaders_tell_the_frontend_what_to_fetch_and_several_photos_go_in_at_their_size(name):
+    ui = json.loads((REPO_ROOT / "workflows" / f"{name}.json").read_text())
+    loaders = {n["type"]: n for n in ui["nodes"] if n["type"] in ("CheckpointLoaderSimple", "CLIPVisionLoader")}
+    for node_type, directory in (("CheckpointLoaderSimple", "checkpoints"), ("CLIPVisionLoader", "clip_vision")):
+        (model,) = loaders[node_type]["properties"]["models"]
+        assert model["name"] == loaders[node_type]["widgets_values"][0] and model["directory"] == directory
+        assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(".safetensors")
+    api = json.loads((REPO_ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    extract = next(node for node in api.values() if node["class_type"] == "IDAdapterExtractFaceFeatures")
+    assert api[extract["inputs"]["more_images.image_2"][0]]["class_type"] == "LoadImage"

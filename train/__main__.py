@@ -11,7 +11,7 @@ import sys
 
 from idadapter_core.errors import IDAdapterError
 
-COMMANDS = ("prepare", "fit", "export")
+COMMANDS = ("prepare", "fit", "export", "eval", "demo")
 
 log = logging.getLogger("train")
 

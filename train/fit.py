@@ -39,6 +39,7 @@ from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from .inv_adapter_step import InvAdapterBatch, InvAdapterTrainingStep, eaa_gate_values
 from .config import RESOLVED_CONFIG_FILE, ConfigError, FitConfig, add_config_arguments, config_from_args, save_config
 from .data import FrozenFeatures, ReferenceKey, Sample, SamplePlan
+from .generate import SamplingSettings, generate_identity_images, image_grid
 from .models import (
     BaseModel, ClipVision, TextConditioning, build_face_id_loss, idadapter_config, load_base_model, load_clip_vision,
 )
@@ -213,57 +214,26 @@ def gate_values(adapter: IDAdapter) -> dict[str, float]:
     return values
 
 
-@torch.no_grad()
 def sample_grid(
     step_module: IDAdapterTrainingStep, features: FrozenFeatures, references: tuple[ReferenceKey, ...],
     class_word: str, config: FitConfig, accelerator,
 ) -> np.ndarray:
-    """(H, W, 3) uint8: the N reference crops, then one generation per sample prompt, through the diffusers pipeline
-    with the adapter attached and the identity token spliced (DDIM, `sample_steps` steps, a fixed seed)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from PIL import Image
-
-    base, adapter, binding = step_module.frozen.base, step_module.adapter, step_module.frozen.binding
-    text = base.text
-    scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
-    encoders = list(text.encoders.values())
-    if base.is_sdxl:
-        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=encoders[0][1], text_encoder_2=encoders[1][1],
-                                         tokenizer=encoders[0][0], tokenizer_2=encoders[1][0], unet=base.unet,
-                                         scheduler=scheduler)
-    else:
-        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=encoders[0][1], tokenizer=encoders[0][0],
-                                       unet=base.unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    """(H, W, 3) uint8: the N reference crops, then one generation per sample prompt (train/generate.py: the diffusers
+    pipeline with the adapter attached and the identity token spliced; DDIM, `sample_steps` steps, seed `seed`)."""
+    adapter = step_module.adapter
     prompts = list(config.sample_prompts)
     feats = {k: v.to(accelerator.device) for k, v in features.references([references]).items()}
+    settings = SamplingSettings(config.resolution, config.sample_steps, config.sample_guidance)
     was_training = adapter.training
     adapter.eval()
     try:
         with accelerator.autocast():
-            embeds = adapter.encode(feats["clip_patches"], feats["face_embeds"], feats["clip_image_embeds"])
-            binding.set_identity(embeds.reference_tokens)
-            positive = text.tokenize(prompts, [class_word] * len(prompts), [True] * len(prompts))
-            negative = text.tokenize([""] * len(prompts), [class_word] * len(prompts), [False] * len(prompts))
-            context, pooled = text.encode(positive, embeds.identity_tokens)
-            negative_context, negative_pooled = text.encode(negative)
-            extra = {}
-            if base.is_sdxl:
-                extra = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
-            images = pipe(
-                prompt_embeds=context, negative_prompt_embeds=negative_context, height=config.resolution,
-                width=config.resolution, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
-                generator=torch.Generator().manual_seed(config.seed), output_type="np", **extra,
-            ).images
+            images = generate_identity_images(step_module.frozen.base, adapter, step_module.frozen.binding, feats,
+                                              prompts, class_word, [config.seed] * len(prompts), settings)
     finally:
-        binding.set_identity(None)
         adapter.train(was_training)
-    size = config.resolution
     crops = [features.clip_crop(ref).numpy() for ref in references]
-    tiles = [np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC)) for crop in crops]
-    tiles += [(np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8) for image in images]
-    return np.concatenate(tiles, axis=1)
+    return image_grid([[*crops, *images]], config.resolution)
 
 
 @contextmanager
@@ -370,10 +340,12 @@ def build_training_step(config: FitConfig, cache: TrainCache, device: torch.devi
     base = load_base_model(config)
     clip = load_clip_vision(config.clip_vision, config.clip_vision_name)
     adapter = IDAdapter(idadapter_config(config, base.layout, clip, cache.face_embed_dim, face_model))
-    # frozen models in the autocast dtype (as IP-Adapter's tutorial_train.py does); the VAE stays float32, for exact
-    # target latents and the face-ID loss's decode
-    for module in (base.unet, *base.text.modules(), clip.model):
+    # the UNet and text encoders in the autocast dtype (as IP-Adapter's tutorial_train.py does)
+    for module in (base.unet, *base.text.modules()):
         module.to(device) if weight_dtype is None else module.to(device, weight_dtype)
+    # the VAE and CLIP vision stay float32: the VAE for exact target latents and the face-ID loss's decode, CLIP vision
+    # because ComfyUI computes its features in float32 (hosts/transformers_clip.py); both run once per image (cached)
+    clip.model.to(device, torch.float32)
     base.vae.to(device)
     face_loss = None
     if config.face_id_weight > 0:

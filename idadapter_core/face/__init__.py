@@ -13,6 +13,7 @@ vision model is a callable (`ClipEncoder`) the host supplies.
     detection.py   one face per image, and why an image is skipped
     alignment.py   ArcFace and CLIP crops, augmentation, filling up to N
     features.py    ArcFace embeddings + CLIP features of N references (FaceFeatures)
+    consistency.py whether the references look like one person
     similarity.py  the paper's ID-Sim between references and generated images
 """
 from ..errors import FaceModelMissingError, ImageFormatError, NoFaceError
@@ -20,7 +21,8 @@ from .alignment import (
     CLIP_CROP_SCALE, CLIP_CROP_SIZE, FILL_MODES, AlignedReference, Augmentation, align_reference, align_references,
     arcface_matrix, warp, wide_crop_matrix,
 )
-from .detection import DetectedFace, ProgressFn, detect_face, find_reference_faces
+from .consistency import DEFAULT_SAME_PERSON_THRESHOLD, IdentityCheck, check_one_person
+from .detection import DetectedFace, ProgressFn, SkipReason, detect_face, find_reference_faces
 from .features import ClipEncoder, FaceFeatures, arcface_embeddings, clip_features, extract_face_features
 from .images import as_image_list, load_image, to_rgb_uint8
 from .models import (
@@ -33,7 +35,8 @@ __all__ = [
     "FaceModelMissingError", "ImageFormatError", "NoFaceError",
     "CLIP_CROP_SCALE", "CLIP_CROP_SIZE", "FILL_MODES", "AlignedReference", "Augmentation", "align_reference",
     "align_references", "arcface_matrix", "warp", "wide_crop_matrix",
-    "DetectedFace", "ProgressFn", "detect_face", "find_reference_faces",
+    "DEFAULT_SAME_PERSON_THRESHOLD", "IdentityCheck", "check_one_person",
+    "DetectedFace", "ProgressFn", "SkipReason", "detect_face", "find_reference_faces",
     "ClipEncoder", "FaceFeatures", "arcface_embeddings", "clip_features", "extract_face_features",
     "as_image_list", "load_image", "to_rgb_uint8",
     "FACE_MODEL_NAMES", "FALLBACK_DET_SIZES", "KNOWN_MODEL_FILES", "PROVIDERS", "FaceAnalyzer", "as_face_analyzer",

@@ -21,6 +21,21 @@ ProgressFn = Callable[[int, int], None]
 """Called with (images done, images in all) after each reference image."""
 
 
+class SkipReason(str):
+    """Why an image has no usable face (the sentence itself) and what to try about it (`tip`)."""
+
+    tip: str
+
+    def __new__(cls, reason: str, tip: str) -> "SkipReason":
+        skip = super().__new__(cls, reason)
+        skip.tip = tip
+        return skip
+
+
+DETECTION_SIZE_TIP = ("try another detection size in Load InsightFace (smaller for close-up crops, larger for small "
+                      "faces in big photos), or crop the images closer to the face")
+
+
 @dataclass
 class DetectedFace:
     source_index: int
@@ -46,8 +61,8 @@ def detect_face(
     source_index: int,
     face_index: int | None = None,
     min_face_size: int = 64,
-) -> DetectedFace | str:
-    """The chosen face of one image, or why there is none (a sentence).
+) -> DetectedFace | SkipReason:
+    """The chosen face of one image, or why there is none (a sentence, with what to try as its `tip`).
 
     `face_index` None keeps the largest face; 0, 1, ... counts faces from the left. Detection sizes below the
     analyzer's are tried in turn until a face is found."""
@@ -56,19 +71,25 @@ def detect_face(
             boxes, landmarks = analyzer.detect(image_rgb, det_size)
         except cv2.error as err:  # insightface's resize fails on extreme aspect ratios (e.g. 4000x3 px)
             height, width = image_rgb.shape[:2]
-            return f"face detection failed on this {width}x{height} px image ({str(err).strip().splitlines()[-1]})"
+            return SkipReason(
+                f"face detection failed on this {width}x{height} px image ({str(err).strip().splitlines()[-1]})",
+                "crop the image to an ordinary aspect ratio",
+            )
         if len(boxes):
             break
     else:
         sizes = ", ".join(str(s) for s in analyzer.detection_sizes())
-        return f"no face found (detection sizes {sizes} tried)"
+        return SkipReason(f"no face found (detection sizes {sizes} tried)", DETECTION_SIZE_TIP)
     if face_index is None:
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         chosen = int(np.argmax(areas))
     else:
         left_to_right = np.argsort((boxes[:, 0] + boxes[:, 2]) / 2, kind="stable")
         if face_index >= len(boxes):
-            return f"face {face_index} asked for, but only {len(boxes)} face(s) found (counted from 0, left to right)"
+            return SkipReason(
+                f"face {face_index} asked for, but only {len(boxes)} face(s) found (counted from 0, left to right)",
+                "set face_index to -1 to use the largest face of each image, or to a face every image has",
+            )
         chosen = int(left_to_right[face_index])
     face = DetectedFace(
         source_index=source_index,
@@ -79,7 +100,10 @@ def detect_face(
         det_size=det_size,
     )
     if face.size < min_face_size:
-        return f"face too small ({face.size:.0f} px, minimum {min_face_size} px); use a larger or closer photo"
+        return SkipReason(
+            f"face too small ({face.size:.0f} px, minimum {min_face_size} px); use a larger or closer photo",
+            "lower min_face_size, or use photos in which the face is larger",
+        )
     return face
 
 
@@ -90,7 +114,7 @@ def find_reference_faces(
     min_face_size: int = 64,
     image_names: Sequence[str] | None = None,
     on_progress: ProgressFn | None = None,
-) -> tuple[list[DetectedFace], list[np.ndarray], dict[int, str]]:
+) -> tuple[list[DetectedFace], list[np.ndarray], dict[int, SkipReason]]:
     """Detect one face per image. Returns the faces found, every image as RGB uint8, and the skipped images'
     indices with the reason. An image without a usable face is skipped with a warning naming it; only when no
     image is usable, `NoFaceError` lists them all."""
@@ -98,12 +122,12 @@ def find_reference_faces(
     names = list(image_names) if image_names is not None else [f"image {i + 1}/{len(images)}" for i in range(len(images))]
     faces: list[DetectedFace] = []
     rgb_images: list[np.ndarray] = []
-    skipped: dict[int, str] = {}
+    skipped: dict[int, SkipReason] = {}
     for index, image in enumerate(images):
         try:
             rgb = to_rgb_uint8(image)
         except ImageFormatError as err:
-            rgb, result = None, str(err)
+            rgb, result = None, SkipReason(str(err), "convert the image to an RGB or grayscale picture")
         else:
             result = detect_face(analyzer, rgb, index, face_index, min_face_size)
         rgb_images.append(rgb)
@@ -119,8 +143,6 @@ def find_reference_faces(
             on_progress(index + 1, len(images))
     if not faces:
         details = "; ".join(f"{names[i]}: {reason}" for i, reason in skipped.items()) or "no images were given"
-        raise NoFaceError(
-            f"no usable face in any reference image ({details}). Try another detection size in Load InsightFace "
-            "(smaller for close-up crops, larger for small faces in big photos), or crop the images closer to the face."
-        )
+        tips = "; ".join(dict.fromkeys(reason.tip for reason in skipped.values())) or "connect at least one photo"
+        raise NoFaceError(f"no usable face in any reference image ({details}). To fix: {tips}.")
     return faces, rgb_images, skipped

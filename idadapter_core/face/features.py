@@ -3,6 +3,7 @@ embeddings (docs/DESIGN.md §2.2). The CLIP vision model is a callable the host 
 without ComfyUI."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -11,8 +12,12 @@ import torch
 
 from ..errors import IDAdapterError
 from .alignment import CLIP_CROP_SCALE, AlignedReference, align_references
-from .detection import ProgressFn, find_reference_faces
+from .consistency import DEFAULT_SAME_PERSON_THRESHOLD, check_one_person
+from .detection import ProgressFn, SkipReason, find_reference_faces
+from .images import as_image_list
 from .models import FaceAnalyzer
+
+log = logging.getLogger(__name__)
 
 ClipEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """(N, 224, 224, 3) RGB floats in [0, 1], channels last (a ComfyUI IMAGE) -> (penultimate-layer hidden
@@ -42,8 +47,11 @@ class FaceFeatures:
     """For each of the N references, the input image it was made from."""
     augmentations: list[str] = field(default_factory=list)
     """For each of the N references, the augmentation applied ('' for none)."""
-    skipped: dict[int, str] = field(default_factory=dict)
+    skipped: dict[int, SkipReason] = field(default_factory=dict)
     """Input images not used, with the reason."""
+    other_people: dict[int, float] = field(default_factory=dict)
+    """Input images whose face does not look like the others' (consistency.py), with its mean ArcFace similarity
+    to them; they are used all the same, with a warning."""
 
     @property
     def face_embed_dim(self) -> int:
@@ -96,16 +104,26 @@ def extract_face_features(
     clip_crop_scale: float = CLIP_CROP_SCALE,
     image_names: Sequence[str] | None = None,
     on_progress: ProgressFn | None = None,
+    same_person_threshold: float = DEFAULT_SAME_PERSON_THRESHOLD,
 ) -> tuple[FaceFeatures, list[AlignedReference]]:
     """Detect, align, fill up to `num_refs`, then ArcFace and CLIP: the whole first step of an identity
-    (docs/DESIGN.md §2.2, inputs of the MFF). Returns the features and the aligned references (for previews)."""
-    faces, rgb_images, skipped = find_reference_faces(analyzer, images, face_index, min_face_size, image_names, on_progress)
+    (docs/DESIGN.md §2.2, inputs of the MFF). Returns the features and the aligned references (for previews).
+    `images` may differ in size. References whose faces do not look like one person are named in a warning
+    (`same_person_threshold`, see consistency.py)."""
+    images = as_image_list(images)
+    names = list(image_names) if image_names is not None else [f"image {i + 1}/{len(images)}" for i in range(len(images))]
+    faces, rgb_images, skipped = find_reference_faces(analyzer, images, face_index, min_face_size, names, on_progress)
     references = align_references(rgb_images, faces, num_refs, fill_mode, seed, analyzer.arcface_size,
                                   clip_crop_scale=clip_crop_scale)
     used = [r.face for r in references[: min(len(faces), num_refs)]]
     clip_patches, clip_image_embeds = clip_features(encode_clip, references)
+    face_embeds = arcface_embeddings(analyzer, references)
+    check = check_one_person(face_embeds[: len(used)].numpy(), [names[f.source_index] for f in used], same_person_threshold)
+    warning = check.warning()
+    if warning:
+        log.warning("Face features: %s", warning)
     features = FaceFeatures(
-        face_embeds=arcface_embeddings(analyzer, references),
+        face_embeds=face_embeds,
         clip_patches=clip_patches,
         clip_image_embeds=clip_image_embeds,
         boxes=torch.from_numpy(np.stack([f.box for f in used])),
@@ -115,5 +133,6 @@ def extract_face_features(
         reference_sources=[r.face.source_index for r in references],
         augmentations=[r.augmentation.describe() if r.augmentation else "" for r in references],
         skipped=skipped,
+        other_people={used[i].source_index: similarity for i, similarity in check.others.items()},
     )
     return features, references

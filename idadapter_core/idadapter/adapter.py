@@ -145,3 +145,14 @@ class CrossAttentionKV(nn.Module):
         super().__init__()
         self.to_k = WeightDelta(channels, context_dim, device=device, dtype=dtype)
         self.to_v = WeightDelta(channels, context_dim, device=device, dtype=dtype)
+
+    def shift(
+        self, key: torch.Tensor, value: torch.Tensor, context: torch.Tensor, value_context: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values projected with the frozen weights -> those of W + scale·ΔW: K + scale·ΔW_K·c and
+        V + scale·ΔW_V·c' (c, c' what was projected). For a host that sets the strength per step without
+        touching the UNet's weights; the text context is short, so this costs almost nothing."""
+        return (
+            key.add(F.linear(context, self.to_k.diff.to(context)), alpha=scale),
+            value.add(F.linear(value_context, self.to_v.diff.to(value_context)), alpha=scale),
+        )

@@ -2,7 +2,6 @@
 weights (`format: idadapter`) and a saved identity (`format: idadapter-embeds`); docs/DESIGN.md, "Weights format"."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from ..errors import WeightsFormatError
 from ..presets import UNetLayout
-from ..weights import FORMAT_VERSION, load_adapter, read_weights, write_weights
+from ..weights import FORMAT_VERSION, adapter_metadata, load_adapter, read_weights, save_adapter, write_weights
 from .model import IDAdapter, IDAdapterConfig, IdentityEmbeds
 
 IDADAPTER_FORMAT = "idadapter"
@@ -18,29 +17,20 @@ EMBEDS_FORMAT = "idadapter-embeds"
 
 
 def idadapter_metadata(config: IDAdapterConfig) -> dict[str, str]:
-    layout = config.layout
-    return {
-        "format": IDADAPTER_FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "base": layout.base,
-        "context_dim": str(layout.context_dim),
-        "block_channels": json.dumps(list(layout.block_channels)),
-        "clip_vision": config.clip_vision,
-        "face_model": config.face_model,
-        "face_embed_dim": str(config.mff.face_dim),
-        "num_ref_tokens": str(config.num_ref_tokens),
-        "num_refs": str(config.num_refs),
-        "class_word": config.class_word,
-        "trigger_word": config.trigger_word,
-        "config": config.to_json(),
-    }
+    return adapter_metadata(
+        IDADAPTER_FORMAT, config.layout, config.to_json(),
+        clip_vision=config.clip_vision,
+        face_model=config.face_model,
+        face_embed_dim=str(config.mff.face_dim),
+        num_ref_tokens=str(config.num_ref_tokens),
+        num_refs=str(config.num_refs),
+        class_word=config.class_word,
+        trigger_word=config.trigger_word,
+    )
 
 
 def save_idadapter(path: str | os.PathLike, model: IDAdapter, dtype: torch.dtype | None = None) -> None:
-    tensors = model.state_dict()
-    if dtype is not None:
-        tensors = {name: t.to(dtype) for name, t in tensors.items()}
-    write_weights(path, tensors, idadapter_metadata(model.config))
+    save_adapter(path, model, idadapter_metadata(model.config), dtype)
 
 
 def load_idadapter(

@@ -1,20 +1,24 @@
-"""Tiny ONNX face models in the exact input/output layout insightface routes, exported with torch (no downloads).
+"""A tiny insightface model pack and synthetic "face" images for the demo and the tests: ONNX models exported with
+torch in the exact input/output layout insightface routes, so its own loading, decoding, NMS and alignment run
+unchanged (nothing is downloaded).
 
-`TinySquareDetector` has SCRFD's layout (one image input with dynamic height/width; 9 outputs: scores,
-box distances and 5 keypoints for strides 8, 16, 32 with 2 anchors each), so insightface's `ModelRouter`
-makes it an SCRFD and its own decoding, NMS and detection-size handling run. What it "detects" is made
-for tests: a pure-red square of side 4*stride, centred on a multiple of the stride (in the detector's input
-pixels), is found at exactly that stride, with its box on the square and the 5 landmarks on insightface's
-ArcFace template scaled to the square. So tests place faces of known sizes where they want.
+`TinySquareDetector` has SCRFD's layout (one image input with dynamic height/width; 9 outputs: scores, box distances
+and 5 keypoints for strides 8, 16, 32 with 2 anchors each), so insightface's `ModelRouter` makes it an SCRFD. What it
+"detects" is synthetic: a pure-red square of side 4*stride, centred on a multiple of the stride (in the detector's
+input pixels), is found at exactly that stride, with its box on the square and the 5 landmarks on insightface's
+ArcFace template scaled to the square. So faces of known sizes go where a caller wants them.
 
-`TinyRecognizer` has ArcFace's layout (static 1x3x112x112 input, one 1xD output) with random weights.
+`TinyRecognizer` has ArcFace's layout (static 1x3x112x112 input, one 1xD output) with random weights: images whose
+aligned crops look alike get similar embeddings, which is all an identity means here.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 STRIDES = (8, 16, 32)
@@ -64,23 +68,27 @@ class TinyRecognizer(nn.Module):
         return self.fc(torch.tanh(self.conv(image)).flatten(1))
 
 
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, **options) -> Path:
+    """torch's TorchScript-based exporter at opset 17 (the new dynamo exporter needs onnxscript and names outputs
+    its own way); its deprecation notice and its notes on constant folding are silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (UserWarning, DeprecationWarning))
+        torch.onnx.export(model.eval(), (example,), str(path), opset_version=17, dynamo=False, **options)
+    return path
+
+
 def export_detector(path: Path) -> Path:
     outputs = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in STRIDES]
-    torch.onnx.export(
-        TinySquareDetector().eval(), (torch.zeros(1, 3, 64, 64),), str(path), input_names=["input"], output_names=outputs,
+    return _export_onnx(
+        TinySquareDetector(), torch.zeros(1, 3, 64, 64), path, input_names=["input"], output_names=outputs,
         dynamic_axes={"input": {2: "height", 3: "width"}, **{name: {0: f"{name}_rows"} for name in outputs}},
-        opset_version=17, dynamo=False,
     )
-    return path
 
 
 def export_recognizer(path: Path, embed_dim: int = 64, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    torch.onnx.export(
-        TinyRecognizer(embed_dim).eval(), (torch.zeros(1, 3, 112, 112),), str(path), input_names=["data"],
-        output_names=["embedding"], opset_version=17, dynamo=False,
-    )
-    return path
+    return _export_onnx(TinyRecognizer(embed_dim), torch.zeros(1, 3, 112, 112), path, input_names=["data"],
+                        output_names=["embedding"])
 
 
 def write_model_pack(root: Path, name: str = "tiny_pack", embed_dim: int = 64, detector: bool = True,
@@ -109,3 +117,30 @@ def square_faces_image(size: tuple[int, int], faces: list[tuple[int, int, int]],
             mx, my = rng.integers(0, side - mark, size=2)
             image[y0 + my:y0 + my + mark, x0 + mx:x0 + mx + mark] = rng.integers(0, 256, size=3)
     return image
+
+
+SYNTHETIC_IMAGE_SIZE = 320
+"""Side of the synthetic photos; at detection size 320 the detector sees them pixel for pixel."""
+
+
+def write_synthetic_identities(folder: Path, identities: int = 3, images_per_identity: int = 3,
+                               caption: str = "a portrait photo of a person") -> dict[str, list[Path]]:
+    """`folder/<identity>/<i>.png` (+ a same-name .txt caption): per identity, photos of one "face" (a 128 px red
+    square with the identity's own marks) at different places on different backgrounds, which the tiny detector
+    finds at stride 32. Returns the files per identity."""
+    side, step = 128, 32
+    centres = [(160 + dx, 160 + dy) for dy in (-step, 0, step) for dx in (-step, 0, step)]
+    written: dict[str, list[Path]] = {}
+    for person in range(identities):
+        name = f"person{person + 1}"
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        written[name] = []
+        for index in range(images_per_identity):
+            centre = centres[(person * 5 + index * 4) % len(centres)]
+            background = 60 + 50 * ((person + index) % 4)
+            pixels = square_faces_image((SYNTHETIC_IMAGE_SIZE,) * 2, [(*centre, side)], background, seed=1000 + person)
+            path = folder / name / f"{index}.png"
+            Image.fromarray(pixels).save(path)
+            path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+            written[name].append(path)
+    return written

@@ -1,0 +1,264 @@
+"""Host mode of step_overhead.py: what Apply IDAdapter costs per KSampler step inside a real ComfyUI.
+
+One worker process per attention kernel (ComfyUI picks it at import): ComfyUI's default on CPU (sub-quadratic) and
+`--use-pytorch-cross-attention` (PyTorch SDPA, the kernel of the diffusers measurement). In each, ComfyUI's own SD1.5
+UNet with random weights (loaded through `comfy.sd.load_diffusion_model_state_dict`, so ComfyUI picks its dtype and
+ops as for a checkpoint), random text conditioning, a 512² latent (one image: cond + uncond make the UNet batch 2),
+euler, cfg 7, and `comfy.sample.sample` (what KSampler runs) with a callback timing each step. The first step of a
+run is not timed (it loads the models and computes E_r's K/V). Variants, interleaved round by round:
+    base     the MODEL without Apply
+    fp16     Apply IDAdapter (weight 1, every block) with an fp16 weights file
+    fp32     the same with an fp32 file
+    fast     fp16 file, blocks = "skip highest resolution" (our faster mode)
+    kv-only  fp16 file, weight 0 with the K/V at full strength (paper form): only the per-step K/V path
+    before-* the pack at --before (e.g. `git archive e13f01c`), same files: the host before this change
+The sd15 adapter has random weights, both gates of every block opened and random K/V differences; E_r is random,
+1025 tokens (4 references x 256 patches + 1). The FLOP floor is counted on one UNet call with and without the
+adapter (`torch.utils.flop_counter`, 2 x MACs) in the worker that runs ComfyUI's default kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ATTENTION_MODES = {"default": [], "pytorch": ["use_pytorch_cross_attention"]}
+SD15_COMFY_UNET = dict(
+    image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2],
+    channel_mult=(1, 2, 4, 4), num_heads=8, use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
+    use_linear_in_transformer=False,
+)
+
+log = logging.getLogger("step_overhead.host")
+
+
+def write_weights_files(folder: Path, gate: float = 0.5) -> dict[str, str]:
+    """The sd15 adapter with random weights, open gates and random K/V differences, as fp16 and fp32 files."""
+    sys.path.append(str(REPO_ROOT))
+    from idadapter_core import IDAdapter, IDAdapterConfig, save_idadapter
+
+    torch.manual_seed(0)
+    adapter = IDAdapter(IDAdapterConfig.for_base("sd15")).eval()
+    with torch.no_grad():
+        for block in adapter.blocks:
+            block.alpha_attn.fill_(gate)
+            block.alpha_dense.fill_(gate)
+        for kv in adapter.cross_kv:
+            kv.to_k.diff.normal_(std=0.01)
+            kv.to_v.diff.normal_(std=0.01)
+    files = {}
+    for dtype in ("fp16", "fp32"):
+        files[dtype] = f"bench-sd15-{dtype}.safetensors"
+        save_idadapter(folder / files[dtype], adapter, dtype=torch.float16 if dtype == "fp16" else torch.float32)
+    return files
+
+
+def import_pack(path: Path, module: str):
+    """A pack checkout loaded the way ComfyUI loads custom nodes, under its own module name."""
+    spec = importlib.util.spec_from_file_location(module, path / "__init__.py", submodule_search_locations=[str(path)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[module] = pack
+    spec.loader.exec_module(pack)
+    return importlib.import_module(f"{module}.nodes.idadapter_nodes")
+
+
+def build_sd15_model(seed: int = 0):
+    """ComfyUI's SD1.5 UNet with finite random weights, as a MODEL (ModelPatcher)."""
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(seed)
+    unet = UNetModel(**SD15_COMFY_UNET, operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.ndim > 1:
+                p.normal_(std=0.02)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    state = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    del unet
+    return comfy.sd.load_diffusion_model_state_dict(state)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Everything measured under one attention kernel, in this process."""
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = True
+    for flag in ATTENTION_MODES[args.attention]:
+        setattr(comfy_args, flag, True)
+    import comfy.model_management  # noqa: F401  (reads the arguments above)
+    import comfy.sample
+    import folder_paths
+    from comfy.ldm.modules import attention as comfy_attention
+
+    sys.path.append(str(REPO_ROOT))
+    from idadapter_core import IdentityEmbeds
+
+    packs = {"": import_pack(REPO_ROOT, "comfyui_idadapter")}
+    if args.before:
+        packs["before-"] = import_pack(Path(args.before), "comfyui_idadapter_before")
+    folder_paths.add_model_folder_path("idadapter", args.weights_dir, is_default=True)
+    files = json.loads(args.files)
+
+    model = build_sd15_model()
+    latent = torch.zeros(1, 4, args.latent, args.latent)
+    g = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    variants = {"base": model}
+    for prefix, nodes in packs.items():
+        apply_inputs = {i.id for i in nodes.ApplyIDAdapter.GET_SCHEMA().inputs}
+        for dtype, file_name in files.items():
+            adapter = nodes.LoadIDAdapter.execute(file_name).result[0]
+            embeds = IdentityEmbeds(
+                torch.randn(1, args.tokens, adapter.config.mff.width, generator=g),
+                {"l": torch.randn(1, 768, generator=g)}, adapter.fingerprint, adapter.name,
+            )
+
+            def apply(**options):
+                return nodes.ApplyIDAdapter.execute(model, adapter, embeds, options.pop("weight", 1.0), 0.0, 1.0,
+                                                    **options).result[0]
+
+            variants[f"{prefix}{dtype}"] = apply()
+            if dtype == "fp16" and "blocks" in apply_inputs and not prefix:
+                variants["fast"] = apply(blocks="skip highest resolution")
+                variants["kv-only"] = apply(weight=0.0, cross_attention_kv="full strength (paper)")
+    variants = {name: m for name, m in variants.items() if name in args.variants.split(",")}
+
+    def run(patched) -> list[float]:
+        marks = [time.perf_counter()]
+        comfy.sample.sample(patched, noise, args.steps, 7.0, "euler", "normal", positive, negative, latent, seed=0,
+                            callback=lambda *_: marks.append(time.perf_counter()), disable_pbar=True)
+        return [b - a for a, b in zip(marks[1:], marks[2:])]  # the first step loads models and E_r's K/V
+
+    times: dict[str, list[list[float]]] = {name: [] for name in variants}
+    names = list(variants)
+    for index in range(args.warmup + args.rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            steps = run(variants[name])
+            if index >= args.warmup:
+                times[name].append(steps)
+        log.info("%s attention, round %d/%d: %s", args.attention, index + 1 - args.warmup, args.rounds,
+                 ", ".join(f"{n} {statistics.median(t[-1]) if t else float('nan'):.2f} s" for n, t in times.items()))
+    result = dict(attention=args.attention, kernel=comfy_attention.optimized_attention.__name__,
+                  latent=args.latent, tokens=args.tokens, steps=args.steps, rounds=args.rounds, times=times)
+    if args.flops:
+        result["flops"] = count_flops({name: variants[name] for name in ("base", "fp32") if name in variants}, latent,
+                                      positive, negative)
+    return result
+
+
+def count_flops(variants: dict, latent: torch.Tensor, positive, negative) -> dict[str, int]:
+    """FLOPs of one CFG-batched model call (2 x MACs; elementwise ops not counted), E_r's K/V cached."""
+    import comfy.model_management
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    x = torch.randn(2, *latent.shape[1:])
+    context = torch.cat([positive[0][0], negative[0][0]])
+    sigmas = torch.full((2,), 5.0)
+    for name, model in variants.items():
+        comfy.model_management.load_models_gpu([model])
+        options = {**model.model_options["transformer_options"], "sigmas": sigmas}
+        with torch.no_grad():
+            model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)  # fills caches
+            with FlopCounterMode(display=False) as counter:
+                model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)
+        out[name] = counter.get_total_flops()
+    return out
+
+
+def per_round_ratio(times: dict, name: str) -> list[float]:
+    return [statistics.median(a) / statistics.median(b) for a, b in zip(times[name], times["base"])]
+
+
+def summarize(results: list[dict]) -> str:
+    lines = []
+    for result in results:
+        times = result["times"]
+        base = statistics.median(s for run in times["base"] for s in run)
+        lines.append(f"\n{result['attention']} attention ({result['kernel']}): latent {result['latent']}² "
+                     f"({result['latent'] * 8}² px), batch 2 (CFG), E_r {result['tokens']} tokens, {result['steps'] - 1} "
+                     f"timed steps x {result['rounds']} rounds; base {base:.2f} s/step")
+        if "flops" in result and "fp32" in result["flops"]:
+            floor = result["flops"]["fp32"] / result["flops"]["base"]
+            lines.append(f"  FLOP floor (E_r K/V cached): {floor:.3f}  (base {result['flops']['base'] / 1e9:.1f} GFLOPs)")
+        for name in times:
+            if name == "base":
+                continue
+            ratios = per_round_ratio(times, name)
+            seconds = statistics.median(s for run in times[name] for s in run)
+            lines.append(f"  {name:<12} {seconds:6.2f} s/step   ÷ base {statistics.median(ratios):.3f} "
+                         f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+    return "\n".join(lines)
+
+
+def run_host(argv: list[str]) -> int:
+    """Parent: writes the weights files, runs one worker per attention mode, prints the table."""
+    parser = argparse.ArgumentParser(prog="step_overhead.py --host")
+    parser.add_argument("--attention", default="default,pytorch", help="comma list of: default, pytorch")
+    parser.add_argument("--variants", default="base,fp16,fp32,fast,kv-only,before-fp16,before-fp32")
+    parser.add_argument("--before", help="a checkout of the pack to compare with (before-* variants)")
+    parser.add_argument("--latent", type=int, default=64, help="latent size (64: 512² px)")
+    parser.add_argument("--tokens", type=int, default=1025, help="E_r length (1025: 4 references x 256 + 1)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per KSampler run; the first is not timed")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not os.environ.get("COMFYUI_PATH"):
+        raise SystemExit("--host needs COMFYUI_PATH pointing at a ComfyUI checkout")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="idadapter-bench-") as folder:
+        files = write_weights_files(Path(folder))
+        for index, attention in enumerate(args.attention.split(",")):
+            out = Path(folder) / f"{attention}.json"
+            command = [sys.executable, __file__, "--attention", attention, "--weights-dir", folder,
+                       "--files", json.dumps(files), "--variants", args.variants, "--latent", str(args.latent),
+                       "--tokens", str(args.tokens), "--steps", str(args.steps), "--rounds", str(args.rounds),
+                       "--warmup", str(args.warmup), "--out", str(out)]
+            if args.before:
+                command += ["--before", args.before]
+            if index == 0:
+                command.append("--flops")
+            subprocess.run(command, check=True)
+            results.append(json.loads(out.read_text()))
+    print(summarize(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def worker_main() -> None:
+    parser = argparse.ArgumentParser()
+    for name in ("--attention", "--weights-dir", "--files", "--variants", "--before", "--out"):
+        parser.add_argument(name)
+    for name in ("--latent", "--tokens", "--steps", "--rounds", "--warmup"):
+        parser.add_argument(name, type=int)
+    parser.add_argument("--flops", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    Path(args.out).write_text(json.dumps(worker(args)))
+
+
+if __name__ == "__main__":
+    worker_main()
