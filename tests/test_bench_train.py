@@ -85,6 +85,9 @@ def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
     assert set(result.losses) == set(learning.VARIANTS)
     assert all(math.isfinite(v) and v > 0 for losses in result.losses.values() for v in losses.values())
     assert math.isfinite(result.base_model_loss)
+    # the made-up ArcFace embeddings identify every held-out image; the CLIP inputs are probed too
+    assert result.probe["ArcFace embedding"] == 1.0
+    assert set(result.probe) == {"CLIP image embedding", "CLIP patch tokens (mean)", "ArcFace embedding"}
     summary = learning.summarize(MINIMAL, [result, result])
     assert summary["check"] in ("PASS", "FAIL")
     assert summary["variants"]["adapter only"]["gap"]["std"] == 0.0
@@ -109,7 +112,7 @@ def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
     changed = lambda name, session, prefix: any(
         not torch.equal(before[name][k], v) for k, v in session.step_module.adapter.state_dict().items()
         if k.startswith(prefix))
-    gates = lambda session: [float(gate) for block in session.step_module.adapter.blocks
+    gates = lambda session: [float(gate.detach()) for block in session.step_module.adapter.blocks
                              for gate in (block.alpha_attn, block.alpha_dense)]
     assert set(gates(token_only)) == {0.0} and changed("token", token_only, "id_token.")
     assert not changed("adapter", adapter_only, "id_token.") and set(gates(adapter_only)) != {0.0}
