@@ -26,8 +26,8 @@ when identity is learned. Also shown: the loss without identity (E_r zeroed, pla
 guidance input), and the base model alone. Over several seeds (each seed draws new identities, images, models and
 data order); mean and spread (sample standard deviation, and min..max).
 
-Run: `python bench/identity_learning.py [--quick] [--seeds 3] [--steps 300] [--json PATH]` (about 2-3 minutes a seed
-on 2 idle cores; `--quick` halves the training).
+Run: `python bench/identity_learning.py [--quick] [--seeds 3] [--steps 300] [--json PATH]` (about 5 minutes a seed,
+15 for the default 3, measured on 2 shared cores; `--quick` halves the adapter training).
 Prints a table and exits 0 (it is a report).
 """
 from __future__ import annotations

@@ -26,7 +26,8 @@ Reported:
   random weights draw no faces, so the recognizer never runs: it is < 1 % of the FLOPs when it does), and without.
 
 Goal: ratio >= 1.3, judged with and without the face-ID loss. Prints a table and exits 0 (it is a report).
-Run: `python bench/train_throughput.py [--quick] [--width 0.25] [--rounds 5] [--json PATH]` (about 5-10 minutes).
+Run: `python bench/train_throughput.py [--quick] [--width 0.25] [--rounds 5] [--json PATH]` (about 4 minutes on 2
+shared cores).
 """
 from __future__ import annotations
 
