@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
+from bench.comfy_host import import_pack, start_comfyui  # noqa: E402
 from idadapter_core.face import (  # noqa: E402
     DetectedFace, FaceAnalyzer, align_reference, arcface_embeddings, clip_features, load_face_analyzer,
     load_image, to_rgb_uint8,
@@ -266,22 +266,6 @@ def time_real_detector(image: np.ndarray, repeats: int) -> float | None:
 
 # ---- ComfyUI cache --------------------------------------------------------------------------------------------
 
-def load_comfyui_with_pack(comfy_root: str):
-    """ComfyUI from `comfy_root` in CPU mode and this pack imported as a custom-node package."""
-    sys.path.insert(0, comfy_root)
-    from comfy.cli_args import args
-
-    args.cpu = True
-    import comfy.model_management  # noqa: F401  (reads args.cpu)
-
-    spec = importlib.util.spec_from_file_location("comfyui_idadapter", REPO_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(REPO_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_idadapter"] = pack
-    spec.loader.exec_module(pack)
-    return importlib.import_module("comfyui_idadapter.nodes.face_nodes")
-
-
 def comfyui_module(name: str):
     """A top-level module of ComfyUI itself (`nodes`, ...), never the pack's folder of the same name: this script
     appends the repository to sys.path, so the check makes a wrong resolution fail loudly."""
@@ -294,7 +278,9 @@ def comfyui_module(name: str):
 
 def comfy_cache_runs(work: Path, runs: int = 2) -> list[dict]:
     """Run Load InsightFace -> Extract Face Features -> Preview Image `runs` times in ComfyUI's PromptExecutor."""
-    face_nodes = load_comfyui_with_pack(os.environ["COMFYUI_PATH"])
+    start_comfyui()
+    import_pack()
+    face_nodes = importlib.import_module("comfyui_idadapter.nodes.face_nodes")
     import comfy.clip_vision
     import execution
     import folder_paths

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import time
@@ -96,25 +95,15 @@ def diffusers_run(args) -> dict:
 
 def comfy_run(args) -> dict:
     """The same measurement through ComfyUI's UNet and the pack's ComfyUI binding."""
-    root = os.environ.get("COMFYUI_PATH")
-    if not root:
-        raise SystemExit("--host needs COMFYUI_PATH pointing at a ComfyUI checkout")
-    sys.path.insert(0, root)
     import importlib
-    import importlib.util
 
-    from comfy.cli_args import args as comfy_args
+    from bench.comfy_host import import_pack, start_comfyui
 
-    comfy_args.cpu = True
-    import comfy.model_management  # noqa: F401  (reads args.cpu)
+    start_comfyui()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    spec = importlib.util.spec_from_file_location("comfyui_idadapter", REPO_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(REPO_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_idadapter"] = pack
-    spec.loader.exec_module(pack)
+    import_pack()
     binding = importlib.import_module("comfyui_idadapter.nodes.inv_adapter_binding")
     comfy_binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
     comfy_patches = importlib.import_module("comfyui_idadapter.nodes.comfy_patches")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -34,6 +33,11 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+from bench.comfy_host import import_pack, start_comfyui  # noqa: E402
+
 ATTENTION_MODES = {"default": [], "pytorch": ["use_pytorch_cross_attention"]}
 SD15_COMFY_UNET = dict(
     image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2],
@@ -66,13 +70,8 @@ def write_weights_files(folder: Path, gate: float = 0.5) -> dict[str, str]:
     return files
 
 
-def import_pack(path: Path, module: str):
-    """A pack checkout loaded the way ComfyUI loads custom nodes, under its own module name."""
-    spec = importlib.util.spec_from_file_location(module, path / "__init__.py", submodule_search_locations=[str(path)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[module] = pack
-    spec.loader.exec_module(pack)
-    return importlib.import_module(f"{module}.nodes.idadapter_nodes")
+def nodes_of(pack):
+    return importlib.import_module(f"{pack.__name__}.nodes.idadapter_nodes")
 
 
 def build_sd15_model(seed: int = 0):
@@ -96,13 +95,7 @@ def build_sd15_model(seed: int = 0):
 
 def worker(args: argparse.Namespace) -> dict:
     """Everything measured under one attention kernel, in this process."""
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    from comfy.cli_args import args as comfy_args
-
-    comfy_args.cpu = True
-    for flag in ATTENTION_MODES[args.attention]:
-        setattr(comfy_args, flag, True)
-    import comfy.model_management  # noqa: F401  (reads the arguments above)
+    start_comfyui(*ATTENTION_MODES[args.attention])
     import comfy.sample
     import folder_paths
     from comfy.ldm.modules import attention as comfy_attention
@@ -110,9 +103,9 @@ def worker(args: argparse.Namespace) -> dict:
     sys.path.append(str(REPO_ROOT))
     from idadapter_core import IdentityEmbeds
 
-    packs = {"": import_pack(REPO_ROOT, "comfyui_idadapter")}
+    packs = {"": nodes_of(import_pack())}
     if args.before:
-        packs["before-"] = import_pack(Path(args.before), "comfyui_idadapter_before")
+        packs["before-"] = nodes_of(import_pack(Path(args.before), "comfyui_idadapter_before"))
     folder_paths.add_model_folder_path("idadapter", args.weights_dir, is_default=True)
     files = json.loads(args.files)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +23,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import folder_paths
 from comfy.cli_args import args
 from comfy.ldm.modules.attention import SpatialTransformer, attention_pytorch, attention_sub_quad, optimized_attention
 
@@ -33,6 +35,18 @@ from ..idadapter_core.weights import file_fingerprint
 from .comfy_patches import attention_inputs, record_attention_inputs, set_attention_replace
 
 log = logging.getLogger(__name__)
+
+
+WEIGHTS_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
+"""Listed by the weights loaders. Only .safetensors loads; a pickle or PyTorch checkpoint is listed so that picking it
+says why it is refused (weights.py), rather than the file silently not showing up."""
+
+
+def register_weights_folder(folder: str) -> None:
+    """`models/<folder>` for a method's weights; a path already set in extra_model_paths.yaml is kept."""
+    if folder not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(folder, os.path.join(folder_paths.models_dir, folder), is_default=True)
+    folder_paths.folder_names_and_paths[folder] = (folder_paths.folder_names_and_paths[folder][0], WEIGHTS_EXTENSIONS)
 
 
 @dataclass

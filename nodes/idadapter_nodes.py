@@ -12,7 +12,7 @@ from ..idadapter_core.idadapter import format_identity_prompt, load_identity_emb
 from ..idadapter_core.errors import IDAdapterError
 from ..idadapter_core.schedule import BLOCK_MODES, AdapterStrength
 from .comfy_binding import (
-    apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy,
+    apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy, register_weights_folder,
     replace_trigger_tokens, trigger_token_id,
 )
 from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType
@@ -23,18 +23,8 @@ EMBEDS_FOLDER = "idadapter_embeds"
 MAX_NAME_BYTES = 200
 """A saved identity's name, in UTF-8 bytes: with '.safetensors' and the temporary name it is written under first,
 it stays below the 255 bytes file systems allow."""
-WEIGHTS_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
-"""Listed in Load IDAdapter. Only .safetensors loads; a pickle or PyTorch checkpoint is listed so that picking it
-says why it is refused (weights.py), rather than the file silently not showing up."""
 KV_MODES = ("scaled by weight", "full strength (paper)")
 """How Apply's weight treats the trained cross-attention K/V differences (schedule.AdapterStrength)."""
-
-
-def register_model_folder() -> None:
-    """`models/idadapter` for the weights; a path already set in extra_model_paths.yaml is kept."""
-    if "idadapter" not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path("idadapter", os.path.join(folder_paths.models_dir, "idadapter"), is_default=True)
-    folder_paths.folder_names_and_paths["idadapter"] = (folder_paths.folder_names_and_paths["idadapter"][0], WEIGHTS_EXTENSIONS)
 
 
 def embeds_output_dir() -> str:
@@ -47,7 +37,7 @@ def saved_embeds() -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
 
 
-register_model_folder()
+register_weights_folder("idadapter")
 
 
 class LoadIDAdapter(io.ComfyNode):

@@ -48,6 +48,7 @@ def model_key(model) -> str:
 def crop_reference_face(image: torch.Tensor, analyzer: FaceAnalyzer, size: int, scale: float) -> torch.Tensor:
     """The largest face of each image, aligned on insightface's template and framed `scale` times the ArcFace crop's
     width, as a (B, size, size, 3) IMAGE."""
+    require_finite(crop_scale=scale)
     crops = []
     for index, single in enumerate(image):
         rgb = to_rgb_uint8(single)

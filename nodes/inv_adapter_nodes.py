@@ -2,8 +2,6 @@
 `idadapter_core.inv_adapter` and `inv_adapter_binding`."""
 from __future__ import annotations
 
-import os
-
 import comfy.utils
 import folder_paths
 import torch
@@ -11,21 +9,14 @@ from comfy_api.latest import io
 
 from ..idadapter_core.face import as_face_analyzer
 from ..idadapter_core.inv_adapter import load_inv_adapter
-from .comfy_binding import load_adapter_for_comfy
+from .comfy_binding import load_adapter_for_comfy, register_weights_folder
 from .inv_adapter_binding import apply_inv_adapter, crop_reference_face, invert_reference
 from .pack_types import CATEGORY, InvAdapterType, InvReferenceType
 
 MODEL_FOLDER = "inv_adapter"
 
 
-def register_model_folder() -> None:
-    """`models/inv_adapter` for the weights; a path already set in extra_model_paths.yaml is kept."""
-    if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER), is_default=True)
-    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (folder_paths.folder_names_and_paths[MODEL_FOLDER][0], {".safetensors"})
-
-
-register_model_folder()
+register_weights_folder(MODEL_FOLDER)
 
 
 class LoadInvAdapter(io.ComfyNode):
@@ -115,16 +106,6 @@ class ApplyInvAdapter(io.ComfyNode):
             ],
             outputs=[io.Model.Output()],
         )
-
-    @classmethod
-    def validate_inputs(cls, start_at: float, end_at: float) -> bool | str:
-        # Naming an input here turns off ComfyUI's own range check for it, so the range is checked here too.
-        for name, value in (("start_at", start_at), ("end_at", end_at)):
-            if not 0.0 <= value <= 1.0:
-                return f"{name} must be between 0 and 1, got {value}"
-        if start_at > end_at:
-            return f"start_at ({start_at}) must not be after end_at ({end_at})"
-        return True
 
     @classmethod
     def execute(cls, model, inv_adapter, reference, weight: float, start_at: float, end_at: float,

@@ -185,3 +185,34 @@ def write_inv_adapter(path: Path, layout: UNetLayout = TINY_SD15_LAYOUT, seed: i
                 block.cross_v.weight.copy_(torch.randn(block.cross_v.weight.shape, generator=g) * 0.05)
     save_inv_adapter(path, adapter)
     return adapter
+
+
+def comfy_model_tree(root: Path, method_folder: str):
+    """Point ComfyUI's checkpoints, `method_folder` and output folders at `root` (inside a host test, after the pack
+    is imported); write the tiny SD1.5 checkpoint there and load it. Returns (MODEL, CLIP, VAE)."""
+    import comfy.sd
+    import folder_paths
+
+    for folder in ("checkpoints", method_folder):
+        (root / folder).mkdir()
+        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
+    folder_paths.set_output_directory(str(root / "output"))
+    checkpoint = write_tiny_sd15_checkpoint(root / "checkpoints" / "tiny-sd15.safetensors")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), embedding_directory=None)
+    return model, clip, vae
+
+
+def diffusers_twin(comfy_unet, unet_config: dict, **config):
+    """A diffusers UNet2DConditionModel (two cross-attention levels) holding the ComfyUI UNet's weights."""
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    twin = UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **config,
+    ).eval()
+    comfy_sd = comfy_unet.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    missing, unexpected = twin.load_state_dict({d: comfy_sd[c] for d, c in mapping.items() if c in comfy_sd}, strict=False)
+    assert not missing and not unexpected
+    return twin

@@ -138,14 +138,16 @@ def test_scaled_layouts_keep_the_real_shapes():
     real = throughput.scaled_spec(throughput.REAL).spec
     assert real.unet["block_out_channels"] == (320, 640, 1280, 1280) and real.text_tokens == 77
     assert real.clip_vision == throughput.VIT_H_14
-    flops = throughput.PartFlops(step=2, face_id_decode=3, clip_references=1, vae_encode=1)
-    assert flops.expected_ratio(False) == 2.0 and flops.expected_ratio(True) == 1.4
+    flops = throughput.PartFlops(step=2, face_id_gate=1, face_id_decode=3, clip_references=1, vae_encode=1)
+    assert flops.expected_ratio(False) == 2.0 and flops.expected_ratio(True) == 5 / 3
+    assert flops.expected_ratio(True, gate_rate=1.0) == 1 + 2 / 6
 
 
 def test_part_flops_match_the_trainers_step_and_the_benchmark_runs(tmp_path, capsys):
     """The part-by-part count (meta device) against FlopCounterMode around the trainer's own step, as the benchmark
     runs it: cached (λ = 0) = the trained step, recomputed - cached = CLIP of the references + VAE encode, and
-    λ = 0.1 - λ = 0 = the VAE decode (with the tiny face pack: its detector runs, nothing is detected). Batch 1: in
+    λ = 0.1 - λ = 0 = the gate's VAE decode (with the tiny face pack: its detector runs, nothing is detected, so
+    there is no decode with gradients). Batch 1: in
     a batch, samples that share an image share its features, which the per-sample parts do not count."""
     pack_root = tmp_path / "insightface"
     write_model_pack(pack_root, "tiny_pack", embed_dim=64)
@@ -161,7 +163,7 @@ def test_part_flops_match_the_trainers_step_and_the_benchmark_runs(tmp_path, cap
     assert step[name(True, False)] == pytest.approx(parts.step, rel=0.02)
     assert step[name(False, False)] - step[name(True, False)] == pytest.approx(
         parts.clip_references + parts.vae_encode, rel=0.02)
-    assert step[name(True, True)] - step[name(True, False)] == pytest.approx(parts.face_id_decode, rel=0.02)
+    assert step[name(True, True)] - step[name(True, False)] == pytest.approx(parts.face_id_gate, rel=0.02)
     assert set(measured["seconds"]) == {name(c, f) for c in (True, False) for f in (True, False)}
     summary = throughput.summarize(settings, parts, parts, measured, face_id=True)
     assert [r["face_id_weight"] for r in summary["results"]] == [0.0, 0.1]

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from comfy_fixtures import TINY_SD15_LAYOUT, tiny_adapter_config, write_adapter, write_tiny_sd15_checkpoint
+from comfy_fixtures import TINY_SD15_LAYOUT, comfy_model_tree, diffusers_twin, tiny_adapter_config, write_adapter
 from idadapter_core import IdentityEmbeds
 from idadapter_core.presets import UNetLayout
 
@@ -17,16 +17,8 @@ pytestmark = pytest.mark.comfyui
 @pytest.fixture(scope="module")
 def host(comfy_pack, tmp_path_factory):
     """ComfyUI with its model folders pointed at a temporary tree holding a tiny SD1.5 checkpoint and adapters."""
-    import comfy.sd
-    import folder_paths
-
     root = tmp_path_factory.mktemp("comfy_models")
-    for folder in ("checkpoints", "idadapter"):
-        (root / folder).mkdir()
-        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
-    folder_paths.set_output_directory(str(root / "output"))
-    ckpt = write_tiny_sd15_checkpoint(root / "checkpoints" / "tiny-sd15.safetensors")
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), embedding_directory=None)
+    model, clip, vae = comfy_model_tree(root, "idadapter")
     write_adapter(root / "idadapter" / "tiny.safetensors", tiny_adapter_config(), seed=0, kv_scale=0.02)
     write_adapter(root / "idadapter" / "closed.safetensors", tiny_adapter_config(), seed=0, open_gates=False)
     write_adapter(root / "idadapter" / "kv-only.safetensors", tiny_adapter_config(), seed=0, open_gates=False, kv_scale=0.05)
@@ -402,22 +394,6 @@ def test_patch_object_follows_the_model_patch_protocol(host):
     assert patch.to(torch.float16) is patch and patch.to(torch.device("cpu")) is patch
     assert patch.models() == [adapter.patcher]
     patch.cleanup()
-
-
-def diffusers_twin(comfy_unet, unet_config: dict, **config):
-    """A diffusers UNet2DConditionModel (two cross-attention levels) holding the ComfyUI UNet's weights."""
-    import comfy.utils
-    from diffusers import UNet2DConditionModel
-
-    twin = UNet2DConditionModel(
-        sample_size=8, layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **config,
-    ).eval()
-    comfy_sd = comfy_unet.state_dict()
-    mapping = comfy.utils.unet_to_diffusers(unet_config)
-    missing, unexpected = twin.load_state_dict({d: comfy_sd[c] for d, c in mapping.items() if c in comfy_sd}, strict=False)
-    assert not missing and not unexpected
-    return twin
 
 
 def test_parity_with_the_diffusers_binding(host):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_fixtures import write_inv_adapter, write_tiny_sd15_checkpoint
+from comfy_fixtures import comfy_model_tree, diffusers_twin, write_inv_adapter
 from idadapter_core.presets import UNetLayout
 
 pytestmark = pytest.mark.comfyui
@@ -16,15 +16,8 @@ pytestmark = pytest.mark.comfyui
 
 @pytest.fixture(scope="module")
 def host(comfy_pack, tmp_path_factory):
-    import comfy.sd
-    import folder_paths
-
     root = tmp_path_factory.mktemp("comfy_inv_models")
-    for folder in ("checkpoints", "inv_adapter"):
-        (root / folder).mkdir()
-        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
-    ckpt = write_tiny_sd15_checkpoint(root / "checkpoints" / "tiny-sd15.safetensors")
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), embedding_directory=None)
+    model, clip, vae = comfy_model_tree(root, "inv_adapter")
     write_inv_adapter(root / "inv_adapter" / "trained.safetensors")
     write_inv_adapter(root / "inv_adapter" / "untrained.safetensors", trained=False)
     write_inv_adapter(root / "inv_adapter" / "wrong-base.safetensors", UNetLayout("custom", (320, 640), (8, 8), 768))
@@ -116,7 +109,6 @@ def test_parity_with_the_diffusers_binding(host):
 
     from idadapter_core.hosts import DiffusersInvAdapter
     from idadapter_core.inv_adapter import load_inv_adapter
-    from test_comfy_idadapter import diffusers_twin
 
     model = host["model"]
     comfy.model_management.load_models_gpu([model])
@@ -156,8 +148,17 @@ def test_bad_inputs_are_refused_with_clear_messages(host):
     reference.model_key = "sd15:0123456789ab"
     with pytest.raises(errors.IncompatibleWeightsError, match="inverted with another model"):
         apply(host, load(host, "trained.safetensors"), reference=reference)
-    assert "must be between 0 and 1" in host["nodes"].ApplyInvAdapter.validate_inputs(start_at=float("nan"), end_at=1.0)
-    assert "must not be after" in host["nodes"].ApplyInvAdapter.validate_inputs(start_at=0.8, end_at=0.2)
+    # ComfyUI checks the ranges (no validate_inputs turns them off); what it cannot check is refused by Apply
+    assert not hasattr(host["nodes"].ApplyInvAdapter, "validate_inputs")
+    trained = load(host, "trained.safetensors")
+    for weight, start_at, end_at, message in ((float("nan"), 0.0, 1.0, "weight is nan"),
+                                              (1.0, float("nan"), 1.0, "start_at is nan"),
+                                              (1.0, 0.8, 0.2, r"start_at \(0.8\) is after end_at \(0.2\)")):
+        with pytest.raises(errors.IDAdapterError, match=message):
+            apply(host, trained, weight, start_at, end_at)
+    binding = importlib.import_module("comfyui_idadapter.nodes.inv_adapter_binding")
+    with pytest.raises(errors.IDAdapterError, match="crop_scale is nan"):  # before any face model runs
+        binding.crop_reference_face(host["image"], analyzer=None, size=512, scale=float("nan"))
 
 
 def test_face_crop_with_the_real_face_model_and_no_face_error(host):

@@ -344,9 +344,11 @@ def test_face_id_loss_trains_through_the_vae_and_lambda_zero_skips_the_decode(wo
     step, clip = build_training_step(config, TrainCache(config.cache), torch.device("cpu"))
     step.frozen.face_loss = FaceIDLoss(step.frozen.face_loss.recognizer, AlwaysAFace())
     decodes = []
-    step.frozen.base.vae.decoder.register_forward_hook(lambda *args: decodes.append(1))
+    step.frozen.base.vae.decoder.register_forward_hook(lambda module, inputs, _: decodes.append(
+        (inputs[0].shape[0], torch.is_grad_enabled())))
     losses = step(one_batch(step, clip, config, keep=(True, False)))
-    assert decodes == [1]  # one decode, of the sample that kept its identity
+    # only the sample that kept its identity: decoded for the gate, then with gradients as it shows a face
+    assert decodes == [(1, False), (1, True)]
     assert losses["face_id_samples"].item() == 1 and losses["face_id_gate_open"].item() == 1
     assert 0 < losses["face_id_loss"].item() <= 2
     assert torch.allclose(losses["loss"], losses["diffusion_loss"] + 0.1 * losses["face_id_loss"])
@@ -355,7 +357,7 @@ def test_face_id_loss_trains_through_the_vae_and_lambda_zero_skips_the_decode(wo
 
     step.face_id_weight = 0.0
     losses = step(one_batch(step, clip, config))
-    assert decodes == [1] and set(losses) == {"loss", "diffusion_loss"}
+    assert len(decodes) == 2 and set(losses) == {"loss", "diffusion_loss"}
 
 
 def test_identity_dropout_zeroes_e_r_and_drops_the_suffix(workspace):

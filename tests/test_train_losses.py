@@ -252,6 +252,51 @@ def test_no_face_anywhere_gives_an_exact_zero_that_backpropagates_zeros(tiny_vae
         assert grad is not None and (grad == 0).all()
 
 
+class CountingDecoder:
+    """`decode_latents` with the VAE, counting forward calls (and how many with gradients) and backward passes."""
+
+    def __init__(self, vae) -> None:
+        self.vae = vae
+        self.forwards: list[tuple[int, bool]] = []
+        self.backwards = 0
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        self.forwards.append((latents.shape[0], torch.is_grad_enabled()))
+        images = decode_latents(self.vae, latents)
+        if images.requires_grad:
+            images.register_hook(self._count_backward)
+        return images
+
+    def _count_backward(self, grad: torch.Tensor) -> None:
+        self.backwards += 1
+
+
+@pytest.mark.parametrize("found", [[True, False], [True, True]])
+def test_from_latents_equals_the_loss_of_the_decoded_images(tiny_vae, scheduler, found):
+    expected, parts = training_step(tiny_vae, scheduler, found)
+    z0 = parts["z0"].detach().requires_grad_(True)
+    decode = CountingDecoder(tiny_vae)
+    output = FaceIDLoss(parts["recognizer"], FixedGate(found)).from_latents(decode, z0, parts["references"])
+    output.loss.backward()
+    assert output.gate.tolist() == found
+    torch.testing.assert_close(output.cosine, expected.cosine, rtol=0, atol=1e-5, equal_nan=True)
+    assert output.loss.item() == pytest.approx(expected.loss.item(), abs=1e-6)
+    torch.testing.assert_close(z0.grad, parts["z0"].grad, rtol=1e-4, atol=1e-7)
+    # once for the gate without gradients, then only the items with a face with them
+    assert decode.forwards == [(2, False), (sum(found), True)] and decode.backwards == 1
+
+
+def test_from_latents_without_a_face_never_runs_the_decoder_backward(tiny_vae, scheduler):
+    _, parts = training_step(tiny_vae, scheduler, [False, False])
+    z0 = parts["z0"].detach().requires_grad_(True)
+    decode = CountingDecoder(tiny_vae)
+    output = FaceIDLoss(parts["recognizer"], FixedGate([False, False])).from_latents(decode, z0, parts["references"])
+    assert output.loss.item() == 0.0 and output.loss.requires_grad
+    output.loss.backward()
+    assert decode.forwards == [(2, False)] and decode.backwards == 0
+    assert (z0.grad == 0).all()
+
+
 def test_recognizer_stays_frozen_in_eval_mode():
     recognizer = TinyRecognizer().train()
     loss_fn = FaceIDLoss(recognizer, FixedGate([True])).train()

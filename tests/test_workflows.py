@@ -56,3 +56,11 @@ def test_model_loaders_tell_the_frontend_what_to_fetch_and_several_photos_go_in_
     api = json.loads((REPO_ROOT / "workflows" / "api" / f"{name}.json").read_text())
     extract = next(node for node in api.values() if node["class_type"] == "IDAdapterExtractFaceFeatures")
     assert api[extract["inputs"]["more_images.image_2"][0]]["class_type"] == "LoadImage"
+
+
+def test_inv_adapter_workflow_names_its_checkpoint_for_the_frontend():
+    ui = json.loads((REPO_ROOT / "workflows" / "inv_adapter_sd15.json").read_text())
+    (loader,) = [n for n in ui["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    (model,) = loader["properties"]["models"]
+    assert model == {"name": loader["widgets_values"][0], "directory": "checkpoints",
+                     "url": f"https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/{model['name']}"}

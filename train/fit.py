@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -165,20 +164,11 @@ class IDAdapterTrainingStep(nn.Module):
         keep = batch.keep_identity
         self.frozen.binding.set_identity(embeds.reference_tokens * keep[:, None, None].to(embeds.reference_tokens.dtype))
         context, pooled = base.text.encode(batch.token_ids, embeds.identity_tokens)
-        scheduler = base.noise_scheduler
-        noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-        added = {"text_embeds": pooled, "time_ids": batch.time_ids} if base.is_sdxl else None
-        unet_dtype = base.unet.dtype
-        prediction = base.unet(noisy.to(unet_dtype), batch.timesteps, encoder_hidden_states=context.to(unet_dtype),
-                               added_cond_kwargs=added).sample
-        if base.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-        else:
-            target = batch.noise
-        diffusion = F.mse_loss(prediction.float(), target.float())
+        denoised = base.denoise(batch.latents, batch.noise, batch.timesteps, context, pooled, batch.time_ids)
+        diffusion = denoised.loss
         losses = {"diffusion_loss": diffusion, "loss": diffusion}
         if self.frozen.face_loss is not None and self.face_id_weight > 0:
-            face, gate_open, face_samples = self._face_id_loss(noisy, prediction, batch)
+            face, gate_open, face_samples = self._face_id_loss(denoised.noisy, denoised.prediction, batch)
             losses.update(loss=diffusion + self.face_id_weight * face, face_id_loss=face,
                           face_id_gate_open=gate_open, face_id_samples=face_samples)
         return losses
@@ -199,8 +189,9 @@ class IDAdapterTrainingStep(nn.Module):
             return zero, zero.detach(), zero.detach()
         alphas = base.noise_scheduler.alphas_cumprod.to(noisy.device)[batch.timesteps[kept]]
         x0 = predict_x0(noisy[kept], prediction[kept], alphas, base.prediction_type)
-        images = decode_latents(base.vae, x0)
-        result = self.frozen.face_loss(images, batch.face_embeds[kept].float().mean(dim=1))
+        result = self.frozen.face_loss.from_latents(
+            lambda latents: decode_latents(base.vae, latents), x0, batch.face_embeds[kept].float().mean(dim=1)
+        )
         open_count = result.gate.float().sum().detach()
         return result.loss, open_count, torch.tensor(float(len(kept)), device=open_count.device)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser
@@ -67,7 +66,6 @@ class InvAdapterTrainingStep(nn.Module):
 
     def forward(self, batch: InvAdapterBatch) -> dict[str, torch.Tensor]:
         base = self.frozen.base
-        scheduler = base.noise_scheduler
         unet_dtype = base.unet.dtype
         null_context, null_pooled = base.text.encode(batch.null_token_ids)
         context, pooled = base.text.encode(batch.token_ids)
@@ -78,15 +76,7 @@ class InvAdapterTrainingStep(nn.Module):
                 reference.to(unet_dtype), batch.timesteps, null_context.to(unet_dtype), added_cond_kwargs=reference_added
             )
         self.frozen.binding.set_reference(features)
-        noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-        added = {"text_embeds": pooled, "time_ids": batch.time_ids} if base.is_sdxl else None
-        prediction = base.unet(noisy.to(unet_dtype), batch.timesteps, encoder_hidden_states=context.to(unet_dtype),
-                               added_cond_kwargs=added).sample
-        if base.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-        else:
-            target = batch.noise
-        diffusion = F.mse_loss(prediction.float(), target.float())
+        diffusion = base.denoise(batch.latents, batch.noise, batch.timesteps, context, pooled, batch.time_ids).loss
         return {"diffusion_loss": diffusion, "loss": diffusion}
 
     def release(self) -> None:

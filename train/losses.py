@@ -2,7 +2,8 @@
 
 The paper fixes the formula, the detector gate F and λ = 0.1; how x̂0 reaches the recognizer is ours ([I] in
 papers.md §4.4): the one-step x̂0 from the model output (`predict_x0`), decoded by the frozen VAE with gradients
-(`decode_latents`), a face detector on a detached uint8 copy giving the gate and 5 landmarks
+(`decode_latents`; `FaceIDLoss.from_latents` decodes with gradients only the items that show a face), a face
+detector on a detached uint8 copy giving the gate and 5 landmarks
 (`FaceDetectorGate`, the model pack's SCRFD in place of the paper's RetinaFace), a differentiable similarity warp
 onto insightface's ArcFace template (`align_faces`), then ArcFace as a torch module and 1 − cos with the
 reference embedding (`FaceIDLoss`). λ is applied by the caller.
@@ -195,27 +196,52 @@ class FaceIDLoss(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, reference_embeds: torch.Tensor) -> FaceIDLossOutput:
-        batch = images.shape[0]
+        """The loss of decoded images (B, 3, H, W) in [-1, 1]."""
+        self._check_references(images.shape[0], reference_embeds)
+        detections = self.gate(to_uint8_images(images))
+        found = torch.as_tensor(np.asarray(detections.found, bool))
+        return self._loss(lambda index: images[index], images, found, detections.landmarks, reference_embeds)
+
+    def from_latents(self, decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
+                     reference_embeds: torch.Tensor) -> FaceIDLossOutput:
+        """The loss of x̂0 latents, decoded by `decode` (e.g. `decode_latents` with the VAE) only as far as needed:
+        once without gradients for the gate, then again with gradients for the items that show a face. A batch
+        without a face then costs one decoder forward and no decoder backward (the gate is closed on most steps
+        early in training, when the decode's forward and backward were most of the step; papers.md §4.4 [I]);
+        the loss equals `forward(decode(latents))` up to the decoder's batch-size rounding."""
+        self._check_references(latents.shape[0], reference_embeds)
+        with torch.no_grad():
+            preview = decode(latents)
+        detections = self.gate(to_uint8_images(preview))
+        found = torch.as_tensor(np.asarray(detections.found, bool))
+        return self._loss(lambda index: decode(latents[index]), latents, found, detections.landmarks, reference_embeds)
+
+    @staticmethod
+    def _check_references(batch: int, reference_embeds: torch.Tensor) -> None:
         if reference_embeds.ndim != 2 or reference_embeds.shape[0] != batch:
             raise IDAdapterError(
                 f"reference_embeds must be (batch, D) with batch {batch} (one mean reference ArcFace embedding per "
                 f"image), got {tuple(reference_embeds.shape)}"
             )
-        detections = self.gate(to_uint8_images(images))
-        found = torch.as_tensor(np.asarray(detections.found, bool))
-        cosine = torch.full((batch,), float("nan"), dtype=torch.float32, device=images.device)
+
+    def _loss(self, images_of: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor, found: torch.Tensor,
+              landmarks: np.ndarray, reference_embeds: torch.Tensor) -> FaceIDLossOutput:
+        """`images_of(index)`: the decoded images of those items, in the graph; `source`: what they come from."""
+        batch = source.shape[0]
+        device = source.device
+        cosine = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
         if not found.any():
             # an empty slice sums to an exact 0 with a grad_fn (and no NaN from 0 * inf)
-            return FaceIDLossOutput(images[:0].sum().float(), found.to(images.device), cosine)
+            return FaceIDLossOutput(source[:0].sum().float(), found.to(device), cosine)
         index = found.nonzero().squeeze(1)
-        pixels = (images[index.to(images.device)].clamp(-1.0, 1.0) + 1.0) / 2.0
-        crops = align_faces(pixels, np.asarray(detections.landmarks)[index.numpy()], self.arcface_size)
+        pixels = (images_of(index.to(device)).clamp(-1.0, 1.0) + 1.0) / 2.0
+        crops = align_faces(pixels, np.asarray(landmarks)[index.numpy()], self.arcface_size)
         embeddings = self.recognizer(crops.to(_module_dtype(self.recognizer, crops.dtype)))
         references = reference_embeds[index.to(reference_embeds.device)].to(embeddings.device)
         similarity = F.cosine_similarity(embeddings.float(), references.float(), dim=-1)
-        cosine[index.to(cosine.device)] = similarity.detach().to(cosine.device)
+        cosine[index.to(device)] = similarity.detach().to(device)
         loss = (1.0 - similarity).sum() / batch
-        return FaceIDLossOutput(loss, found.to(images.device), cosine)
+        return FaceIDLossOutput(loss, found.to(device), cosine)
 
 
 def _module_dtype(module: object, default: torch.dtype) -> torch.dtype:

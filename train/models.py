@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from idadapter_core import (
@@ -126,6 +127,13 @@ class TextConditioning:
 
 
 @dataclass
+class Denoised:
+    noisy: torch.Tensor
+    prediction: torch.Tensor
+    loss: torch.Tensor
+
+
+@dataclass
 class BaseModel:
     unet: nn.Module
     vae: nn.Module
@@ -142,6 +150,21 @@ class BaseModel:
     @property
     def is_sdxl(self) -> bool:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    def denoise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> Denoised:
+        """The diffusion loss of one training step: the latents noised to `timesteps`, the UNet's prediction (with
+        whatever binding is attached) and its MSE against the model's target (ε, or v for v-prediction)."""
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        added = {"text_embeds": pooled, "time_ids": time_ids} if self.is_sdxl else None
+        dtype = self.unet.dtype
+        prediction = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype),
+                               added_cond_kwargs=added).sample
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return Denoised(noisy, prediction, F.mse_loss(prediction.float(), target.float()))
 
 
 def _read_model_index(folder: Path) -> dict:

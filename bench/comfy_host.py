@@ -1,0 +1,36 @@
+"""ComfyUI as the host of a benchmark: started from COMFYUI_PATH in CPU mode, the pack imported as ComfyUI imports a
+custom-node package."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_comfyui(*flags: str) -> None:
+    """Put ComfyUI on sys.path and set its CPU mode and the given boolean command-line `flags` (e.g.
+    `use_pytorch_cross_attention`) before `comfy.model_management` reads them."""
+    root = os.environ.get("COMFYUI_PATH")
+    if not root:
+        raise SystemExit("--host needs COMFYUI_PATH pointing at a ComfyUI checkout")
+    sys.path.insert(0, root)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    for flag in flags:
+        setattr(args, flag, True)
+    import comfy.model_management  # noqa: F401  (reads the arguments above)
+
+
+def import_pack(path: Path = REPO_ROOT, module: str = "comfyui_idadapter") -> ModuleType:
+    """A checkout of the pack loaded the way ComfyUI loads custom nodes, under the package name `module`."""
+    spec = importlib.util.spec_from_file_location(module, path / "__init__.py", submodule_search_locations=[str(path)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[module] = pack
+    spec.loader.exec_module(pack)
+    return pack
