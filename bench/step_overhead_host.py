@@ -155,15 +155,18 @@ def worker(args: argparse.Namespace) -> dict:
     result = dict(attention=args.attention, kernel=comfy_attention.optimized_attention.__name__,
                   latent=args.latent, tokens=args.tokens, steps=args.steps, rounds=args.rounds, times=times)
     if args.flops:
-        result["flops"] = count_flops({name: variants[name] for name in ("base", "fp32") if name in variants}, latent,
+        result["flops"] = count_flops({name: variants[name] for name in ("base", "fp32", "fast") if name in variants}, latent,
                                       positive, negative)
     return result
 
 
 def count_flops(variants: dict, latent: torch.Tensor, positive, negative) -> dict[str, int]:
-    """FLOPs of one CFG-batched model call (2 x MACs; elementwise ops not counted), E_r's K/V cached."""
+    """FLOPs of one CFG-batched model call (2 x MACs; elementwise ops not counted), E_r's K/V cached. PyTorch's CPU
+    SDPA kernel, which the adapter runs on CPU, is counted with step_overhead's formula (the counter has none)."""
     import comfy.model_management
     from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.step_overhead import CPU_FLOP_FORMULAS
 
     out = {}
     x = torch.randn(2, *latent.shape[1:])
@@ -174,7 +177,7 @@ def count_flops(variants: dict, latent: torch.Tensor, positive, negative) -> dic
         options = {**model.model_options["transformer_options"], "sigmas": sigmas}
         with torch.no_grad():
             model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)  # fills caches
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
                 model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)
         out[name] = counter.get_total_flops()
     return out
@@ -188,13 +191,18 @@ def summarize(results: list[dict]) -> str:
     lines = []
     for result in results:
         times = result["times"]
-        base = statistics.median(s for run in times["base"] for s in run)
         lines.append(f"\n{result['attention']} attention ({result['kernel']}): latent {result['latent']}² "
                      f"({result['latent'] * 8}² px), batch 2 (CFG), E_r {result['tokens']} tokens, {result['steps'] - 1} "
-                     f"timed steps x {result['rounds']} rounds; base {base:.2f} s/step")
+                     f"timed steps x {result['rounds']} rounds")
         if "flops" in result and "fp32" in result["flops"]:
             floor = result["flops"]["fp32"] / result["flops"]["base"]
             lines.append(f"  FLOP floor (E_r K/V cached): {floor:.3f}  (base {result['flops']['base'] / 1e9:.1f} GFLOPs)")
+            if "fast" in result["flops"]:
+                lines.append(f"  FLOP floor of the faster mode: {result['flops']['fast'] / result['flops']['base']:.3f}")
+        if not result["rounds"]:
+            continue
+        base = statistics.median(s for run in times["base"] for s in run)
+        lines.append(f"  base         {base:6.2f} s/step")
         for name in times:
             if name == "base":
                 continue

@@ -161,6 +161,15 @@ def test_bad_inputs_are_refused_with_clear_messages(host):
         binding.crop_reference_face(host["image"], analyzer=None, size=512, scale=float("nan"))
 
 
+def test_pickled_weights_are_listed_and_refused_with_the_reason(host):
+    import folder_paths
+
+    torch.save({"w": torch.zeros(2)}, host["root"] / "inv_adapter" / "legacy.pt")
+    assert "legacy.pt" in folder_paths.get_filename_list("inv_adapter")
+    with pytest.raises(Exception, match=r"legacy.pt is a PyTorch zip checkpoint, not safetensors"):
+        load(host, "legacy.pt")
+
+
 def test_face_crop_with_the_real_face_model_and_no_face_error(host):
     from conftest import shared_assets_or_skip
 

@@ -238,7 +238,8 @@ def test_item_without_a_face_gets_no_loss_and_no_gradient(tiny_vae, scheduler):
     both, _ = training_step(tiny_vae, scheduler, [True, True])
     output, parts = training_step(tiny_vae, scheduler, [True, False])
     assert output.gate.tolist() == [True, False]
-    assert output.cosine[0] == both.cosine[0] and torch.isnan(output.cosine[1])
+    # the recognizer sees a batch of 1 instead of 2: equal up to the kernels' batch-size rounding
+    assert output.cosine[0].item() == pytest.approx(both.cosine[0].item(), abs=1e-6) and torch.isnan(output.cosine[1])
     assert output.loss.item() == pytest.approx((1 - both.cosine[0].item()) / 2, abs=1e-6)  # divided by B, not by 1
     grad = parts["z0"].grad
     assert grad[0].abs().sum() > 0 and (grad[1] == 0).all()

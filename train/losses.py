@@ -205,10 +205,10 @@ class FaceIDLoss(nn.Module):
     def from_latents(self, decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
                      reference_embeds: torch.Tensor) -> FaceIDLossOutput:
         """The loss of x̂0 latents, decoded by `decode` (e.g. `decode_latents` with the VAE) only as far as needed:
-        once without gradients for the gate, then again with gradients for the items that show a face. A batch
-        without a face then costs one decoder forward and no decoder backward (the gate is closed on most steps
-        early in training, when the decode's forward and backward were most of the step; papers.md §4.4 [I]);
-        the loss equals `forward(decode(latents))` up to the decoder's batch-size rounding."""
+        once without gradients for the gate, then again with gradients for the items that show a face. An item
+        without a face then costs one decoder forward and no decoder backward (x̂0 at large t, and early in
+        training, rarely shows a face), one with a face a second forward; papers.md §4.4 [I]. The loss equals
+        `forward(decode(latents))` up to the decoder's batch-size rounding."""
         self._check_references(latents.shape[0], reference_embeds)
         with torch.no_grad():
             preview = decode(latents)
