@@ -149,7 +149,7 @@ def test_bad_inputs_are_refused_with_clear_messages(host):
     with pytest.raises(errors.IncompatibleWeightsError, match="inverted with another model"):
         apply(host, load(host, "trained.safetensors"), reference=reference)
     # ComfyUI checks the ranges (no validate_inputs turns them off); what it cannot check is refused by Apply
-    assert not hasattr(host["nodes"].ApplyInvAdapter, "validate_inputs")
+    assert "validate_inputs" not in vars(host["nodes"].ApplyInvAdapter)
     trained = load(host, "trained.safetensors")
     for weight, start_at, end_at, message in ((float("nan"), 0.0, 1.0, "weight is nan"),
                                               (1.0, float("nan"), 1.0, "start_at is nan"),

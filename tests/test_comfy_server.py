@@ -144,6 +144,13 @@ def sd15_prompt(**overrides) -> dict:
     return workflow_prompt("idadapter_sd15", values, overrides)
 
 
+def inv_adapter_prompt(**overrides) -> dict:
+    """The shipped Inv-Adapter SD1.5 API workflow, pointed at the test's tiny models."""
+    values = dict(TINY_MODELS, InvAdapterInvertReference={"steps": 3, "crop_size": 64},
+                  InvAdapterLoader={"adapter_name": "tiny.safetensors"})
+    return workflow_prompt("inv_adapter_sd15", values, overrides)
+
+
 def test_pack_loads_and_lists_every_node(server):
     log = server["log"].read_text()
     assert "IMPORT FAILED" not in log, log[-3000:]
@@ -217,30 +224,39 @@ def test_bad_inputs_fail_the_prompt_with_a_clear_message_and_the_server_lives_on
     assert "IDAdapterApply" in get(server["url"], "/object_info/IDAdapterApply")
 
 
-@pytest.mark.parametrize("apply_inputs,expected", [
-    ({"weight": 3.5}, "Value 3.5 bigger than max of 3.0"),
-    ({"weight": float("inf")}, "Value inf bigger than max of 3.0"),
-    ({"end_at": -0.5}, "Value -0.5 smaller than min of 0.0"),
+@pytest.mark.parametrize("method,apply_inputs,expected", [
+    ("idadapter", {"weight": 3.5}, "Value 3.5 bigger than max of 3.0"),
+    ("idadapter", {"weight": float("inf")}, "Value inf bigger than max of 3.0"),
+    ("idadapter", {"end_at": -0.5}, "Value -0.5 smaller than min of 0.0"),
+    ("inv_adapter", {"weight": float("inf")}, "Value inf bigger than max of 2.0"),
+    ("inv_adapter", {"start_at": 1.5}, "Value 1.5 bigger than max of 1.0"),
 ])
-def test_comfyui_checks_the_ranges_of_apply(server, apply_inputs, expected):
+def test_comfyui_checks_the_ranges_of_apply(server, method, apply_inputs, expected):
     """ComfyUI refuses the Apply branch up front (the face preview branch, valid, still runs)."""
-    body = json.dumps({"prompt": sd15_prompt(IDAdapterApply=apply_inputs), "client_id": "idadapter-tests"}).encode()
+    prompt = (sd15_prompt(IDAdapterApply=apply_inputs) if method == "idadapter"
+              else inv_adapter_prompt(InvAdapterApply=apply_inputs))
+    apply_id = next(key for key, node in prompt.items() if node["class_type"] in ("IDAdapterApply", "InvAdapterApply"))
+    body = json.dumps({"prompt": prompt, "client_id": "idadapter-tests"}).encode()
     request = urllib.request.Request(server["url"] + "/prompt", data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as err:
         answer = json.loads(err.read())
-    errors = answer["node_errors"]["8"]["errors"]
+    errors = answer["node_errors"][apply_id]["errors"]
     assert [e["message"] for e in errors] == [expected]
 
 
-@pytest.mark.parametrize("apply_inputs,expected", [
-    ({"weight": float("nan")}, "weight is nan; it must be a finite number."),
-    ({"start_at": 0.8, "end_at": 0.2}, "start_at (0.8) is after end_at (0.2)"),
+@pytest.mark.parametrize("method,apply_inputs,expected", [
+    ("idadapter", {"weight": float("nan")}, "weight is nan; it must be a finite number."),
+    ("idadapter", {"start_at": 0.8, "end_at": 0.2}, "start_at (0.8) is after end_at (0.2)"),
+    ("inv_adapter", {"weight": float("nan")}, "weight is nan; it must be a finite number."),
+    ("inv_adapter", {"start_at": 0.8, "end_at": 0.2}, "start_at (0.8) is after end_at (0.2)"),
 ])
-def test_what_comfyui_cannot_check_fails_with_one_clear_message(server, apply_inputs, expected):
-    result = run_prompt(server, sd15_prompt(IDAdapterApply=apply_inputs))
+def test_what_comfyui_cannot_check_fails_with_one_clear_message(server, method, apply_inputs, expected):
+    prompt = (sd15_prompt(IDAdapterApply=apply_inputs) if method == "idadapter"
+              else inv_adapter_prompt(InvAdapterApply=apply_inputs))
+    result = run_prompt(server, prompt)
     assert result["status"]["status_str"] == "error"
     assert error_message(result).count(expected) == 1, error_message(result)
 
@@ -252,13 +268,6 @@ def test_save_name_leaving_the_output_folder_is_refused(server):
     assert result["status"]["status_str"] == "error"
     assert "not a plain file name" in error_message(result)
     assert not any(p.name.startswith("escape") for p in server["base"].rglob("*"))
-
-
-def inv_adapter_prompt(**overrides) -> dict:
-    """The shipped Inv-Adapter SD1.5 API workflow, pointed at the test's tiny models."""
-    values = dict(TINY_MODELS, InvAdapterInvertReference={"steps": 3, "crop_size": 64},
-                  InvAdapterLoader={"adapter_name": "tiny.safetensors"})
-    return workflow_prompt("inv_adapter_sd15", values, overrides)
 
 
 def test_inv_adapter_graph_runs_and_saves_an_image(server):
