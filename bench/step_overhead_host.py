@@ -51,7 +51,6 @@ log = logging.getLogger("step_overhead.host")
 
 def write_weights_files(folder: Path, gate: float = 0.5) -> dict[str, str]:
     """The sd15 adapter with random weights, open gates and random K/V differences, as fp16 and fp32 files."""
-    sys.path.append(str(REPO_ROOT))
     from idadapter_core import IDAdapter, IDAdapterConfig, save_idadapter
 
     torch.manual_seed(0)
@@ -100,7 +99,6 @@ def worker(args: argparse.Namespace) -> dict:
     import folder_paths
     from comfy.ldm.modules import attention as comfy_attention
 
-    sys.path.append(str(REPO_ROOT))
     from idadapter_core import IdentityEmbeds
 
     packs = {"": nodes_of(import_pack())}
