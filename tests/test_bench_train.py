@@ -147,8 +147,8 @@ def test_part_flops_match_the_trainers_step_and_the_benchmark_runs(tmp_path, cap
     """The part-by-part count (meta device) against FlopCounterMode around the trainer's own step, as the benchmark
     runs it: cached (λ = 0) = the trained step, recomputed - cached = CLIP of the references + VAE encode, and
     λ = 0.1 - λ = 0 = the gate's VAE decode (with the tiny face pack: its detector runs, nothing is detected, so
-    there is no decode with gradients). Batch 1: in
-    a batch, samples that share an image share its features, which the per-sample parts do not count."""
+    there is no decode with gradients). Batch 1: in a batch, samples that share an image share its features, which
+    the per-sample parts do not count."""
     pack_root = tmp_path / "insightface"
     write_model_pack(pack_root, "tiny_pack", embed_dim=64)
     settings = throughput.Settings(scale=TINY, rounds=1, warmup=0, batch_size=1, steps_per_run=1,

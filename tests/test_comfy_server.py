@@ -151,6 +151,13 @@ def inv_adapter_prompt(**overrides) -> dict:
     return workflow_prompt("inv_adapter_sd15", values, overrides)
 
 
+def apply_prompt(method: str, apply_inputs: dict) -> dict:
+    """The shipped SD1.5 workflow of `method` ("idadapter" or "inv_adapter") with these inputs on its Apply node."""
+    if method == "idadapter":
+        return sd15_prompt(IDAdapterApply=apply_inputs)
+    return inv_adapter_prompt(InvAdapterApply=apply_inputs)
+
+
 def test_pack_loads_and_lists_every_node(server):
     log = server["log"].read_text()
     assert "IMPORT FAILED" not in log, log[-3000:]
@@ -233,8 +240,7 @@ def test_bad_inputs_fail_the_prompt_with_a_clear_message_and_the_server_lives_on
 ])
 def test_comfyui_checks_the_ranges_of_apply(server, method, apply_inputs, expected):
     """ComfyUI refuses the Apply branch up front (the face preview branch, valid, still runs)."""
-    prompt = (sd15_prompt(IDAdapterApply=apply_inputs) if method == "idadapter"
-              else inv_adapter_prompt(InvAdapterApply=apply_inputs))
+    prompt = apply_prompt(method, apply_inputs)
     apply_id = next(key for key, node in prompt.items() if node["class_type"] in ("IDAdapterApply", "InvAdapterApply"))
     body = json.dumps({"prompt": prompt, "client_id": "idadapter-tests"}).encode()
     request = urllib.request.Request(server["url"] + "/prompt", data=body, headers={"Content-Type": "application/json"})
@@ -254,8 +260,7 @@ def test_comfyui_checks_the_ranges_of_apply(server, method, apply_inputs, expect
     ("inv_adapter", {"start_at": 0.8, "end_at": 0.2}, "start_at (0.8) is after end_at (0.2)"),
 ])
 def test_what_comfyui_cannot_check_fails_with_one_clear_message(server, method, apply_inputs, expected):
-    prompt = (sd15_prompt(IDAdapterApply=apply_inputs) if method == "idadapter"
-              else inv_adapter_prompt(InvAdapterApply=apply_inputs))
+    prompt = apply_prompt(method, apply_inputs)
     result = run_prompt(server, prompt)
     assert result["status"]["status_str"] == "error"
     assert error_message(result).count(expected) == 1, error_message(result)

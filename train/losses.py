@@ -197,10 +197,7 @@ class FaceIDLoss(nn.Module):
 
     def forward(self, images: torch.Tensor, reference_embeds: torch.Tensor) -> FaceIDLossOutput:
         """The loss of decoded images (B, 3, H, W) in [-1, 1]."""
-        self._check_references(images.shape[0], reference_embeds)
-        detections = self.gate(to_uint8_images(images))
-        found = torch.as_tensor(np.asarray(detections.found, bool))
-        return self._loss(lambda index: images[index], images, found, detections.landmarks, reference_embeds)
+        return self.from_latents(lambda decoded: decoded, images, reference_embeds)
 
     def from_latents(self, decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
                      reference_embeds: torch.Tensor) -> FaceIDLossOutput:
@@ -209,33 +206,24 @@ class FaceIDLoss(nn.Module):
         without a face then costs one decoder forward and no decoder backward (x̂0 at large t, and early in
         training, rarely shows a face), one with a face a second forward; papers.md §4.4 [I]. The loss equals
         `forward(decode(latents))` up to the decoder's batch-size rounding."""
-        self._check_references(latents.shape[0], reference_embeds)
-        with torch.no_grad():
-            preview = decode(latents)
-        detections = self.gate(to_uint8_images(preview))
-        found = torch.as_tensor(np.asarray(detections.found, bool))
-        return self._loss(lambda index: decode(latents[index]), latents, found, detections.landmarks, reference_embeds)
-
-    @staticmethod
-    def _check_references(batch: int, reference_embeds: torch.Tensor) -> None:
+        batch = latents.shape[0]
         if reference_embeds.ndim != 2 or reference_embeds.shape[0] != batch:
             raise IDAdapterError(
                 f"reference_embeds must be (batch, D) with batch {batch} (one mean reference ArcFace embedding per "
                 f"image), got {tuple(reference_embeds.shape)}"
             )
-
-    def _loss(self, images_of: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor, found: torch.Tensor,
-              landmarks: np.ndarray, reference_embeds: torch.Tensor) -> FaceIDLossOutput:
-        """`images_of(index)`: the decoded images of those items, in the graph; `source`: what they come from."""
-        batch = source.shape[0]
-        device = source.device
+        with torch.no_grad():
+            preview = decode(latents)
+        detections = self.gate(to_uint8_images(preview))
+        found = torch.as_tensor(np.asarray(detections.found, bool))
+        device = latents.device
         cosine = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
         if not found.any():
             # an empty slice sums to an exact 0 with a grad_fn (and no NaN from 0 * inf)
-            return FaceIDLossOutput(source[:0].sum().float(), found.to(device), cosine)
+            return FaceIDLossOutput(latents[:0].sum().float(), found.to(device), cosine)
         index = found.nonzero().squeeze(1)
-        pixels = (images_of(index.to(device)).clamp(-1.0, 1.0) + 1.0) / 2.0
-        crops = align_faces(pixels, np.asarray(landmarks)[index.numpy()], self.arcface_size)
+        pixels = (decode(latents[index.to(device)]).clamp(-1.0, 1.0) + 1.0) / 2.0
+        crops = align_faces(pixels, np.asarray(detections.landmarks)[index.numpy()], self.arcface_size)
         embeddings = self.recognizer(crops.to(_module_dtype(self.recognizer, crops.dtype)))
         references = reference_embeds[index.to(reference_embeds.device)].to(embeddings.device)
         similarity = F.cosine_similarity(embeddings.float(), references.float(), dim=-1)
