@@ -9,7 +9,7 @@ What the ratio is depends on how expensive CLIP vision + VAE encoding are next t
 MFF, UNet with the adapters, forward and backward, and with the face-ID loss the VAE decode of x̂0: forward for the
 detector gate, then forward and backward for the samples whose x̂0 shows a face, `FaceIDLoss.from_latents`), so
 the models here keep the real proportions: SD1.5 (UNet, VAE, CLIP-L text encoder) and OpenCLIP ViT-H/14 at 512 px
-with the sd15 adapter sizes (papers.md §4.1-4.3), every width scaled by w and the resolution by r = sqrt(w), and
+with the sd15 adapter sizes (DESIGN.md §2.2, §2.3, §2.4), every width scaled by w and the resolution by r = sqrt(w), and
 every token count with it (text tokens x r^2, CLIP patches x r^2, so E_r has 4*256*r^2 + 1 tokens). Then every linear
 layer and convolution (FLOPs ~ width^2 x tokens) and every attention (~ tokens^2 x width) shrinks by the same w^3,
 and the FLOP shares of the parts stay those of the real models. Heads keep their real width (their number scales),
@@ -69,9 +69,9 @@ log = logging.getLogger("train_throughput")
 
 GOAL = 1.3
 FACE_ID_WEIGHT = 0.1
-"""λ of papers.md §1.6."""
+"""λ of DESIGN.md §2.5."""
 NUM_REFS = 4
-"""N of papers.md §1.3."""
+"""N of DESIGN.md §2.2."""
 DEFAULT_FACE_PACK = (REPO_ROOT.parent / "shared" / "assets" / "insightface", "standin_scrfd_mbf128")
 
 # The real layouts at 512 px: SD1.5's UNet, VAE and CLIP-L text encoder, OpenCLIP ViT-H/14, the sd15 MFF.

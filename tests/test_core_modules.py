@@ -38,7 +38,7 @@ def test_sd21_trainable_parameters_match_paper():
     counts = count_trainable_parameters(IDAdapterConfig.for_base("sd21"))
     print({k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
     assert abs(counts["total"] - 262e6) / 262e6 < 0.05
-    # cross-attention W_K + W_V of SD2.1: 2 * 1024 * sum(C) (papers.md §1.7)
+    # cross-attention W_K + W_V of SD2.1: 2 * 1024 * sum(C) (DESIGN.md §2.9)
     assert counts["cross_kv"] == 2 * 1024 * sum(PRESETS["sd21"].block_channels)
 
 

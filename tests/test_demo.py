@@ -90,7 +90,7 @@ def test_your_photos_need_a_real_face_model(tmp_path):
 @pytest.mark.slow
 def test_demo_uses_the_shared_photos_with_the_real_face_model(tmp_path):
     """With ../shared/assets present (CI) and no flag, the demo prepares the real photos with the stand-in insightface
-    pack; Obama's four photos agree with each other at the level ASSETS.md measures."""
+    pack; Obama's four photos agree with each other at the level the stand-in recognizer gives (0.71-0.76)."""
     assets = shared_assets_or_skip()
     result = run_demo("--out", str(tmp_path / "demo"), "--steps", "2")
     assert result.photos.description.startswith("real photos: 6 photos of 3 people (32bit, biden, obama)")

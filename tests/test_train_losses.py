@@ -1,4 +1,4 @@
-"""The face-ID loss of IDAdapter (train/losses.py, papers.md §1.6, §4.4): x̂0 from the model output, the
+"""The face-ID loss of IDAdapter (train/losses.py, DESIGN.md §2.5): x̂0 from the model output, the
 differentiable ArcFace alignment against cv2 / insightface, gradient flow through a tiny VAE, the detector gate."""
 from __future__ import annotations
 

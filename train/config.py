@@ -2,7 +2,7 @@
 line flag (`--lr`, `--batch-size`, `--random-flip/--no-random-flip`, ...); the command line wins over the file. The
 resolved settings are saved beside the checkpoints (`OUTPUT_DIR/config.yaml`), so a run can be repeated from it.
 
-Defaults follow the paper where it speaks (papers.md §1.8, §4.5: Adam, lr 3e-5, batch 4, 50k steps, N = 4,
+Defaults follow the paper where it speaks (DESIGN.md §2.6: Adam, lr 3e-5, batch 4, 50k steps, N = 4,
 λ = 0.1) and are marked "our choice" where it is silent. Relative paths are relative to the working directory.
 """
 from __future__ import annotations
@@ -64,13 +64,13 @@ class FitConfig:
     face_det_size: int = _option(640, "face detection size of the face-ID loss gate")
     face_min_size: int = _option(
         64, "faces smaller than this (pixels) do not open the face-ID loss gate (our choice)")
-    # --- the adapter (papers.md §4.1-4.3; sizes are our choices, [I])
-    num_refs: int = _option(4, "N, reference images per sample (papers.md §1.3: 4 is best)")
+    # --- the adapter (DESIGN.md §2.2, §2.3, §2.4; sizes are our choices, [I])
+    num_refs: int = _option(4, "N, reference images per sample (DESIGN.md §2.2: 4 is best)")
     mff_width: int = _option(1024, "width of the MFF encoder and of E_r")
     mff_depth: int = _option(2, "attention blocks of the MFF encoder (the paper's two)")
     mff_heads: int = _option(16, "attention heads of the MFF encoder")
     mff_num_queries: int = _option(0, "0 keeps all N*patches+1 tokens as E_r; M > 0 compresses E_r to M learned queries")
-    trigger_word: str = _option("sks", "the identifier word replaced by the identity token (papers.md §1.4)")
+    trigger_word: str = _option("sks", "the identifier word replaced by the identity token (DESIGN.md §2.3)")
     class_word: str = _option(
         "person", "class word recorded in the weights (each image's own class word comes from the cache)")
     # --- Inv-Adapter (docs/DESIGN.md §3; our inferences, [I])
@@ -78,7 +78,7 @@ class FitConfig:
         "noised", "inv-adapter: the reference latent at the step's timestep is forward-noised (fast) or taken from "
                   "its DDIM inversion (as at inference; each reference inverted once per run)", REFERENCE_FEATURES)
     inversion_steps: int = _option(50, "inv-adapter with reference_features inversion: DDIM inversion steps")
-    # --- optimisation (papers.md §1.8)
+    # --- optimisation (DESIGN.md §2.6)
     seed: int = _option(0, "seed of the adapter's initialisation, the data order, the noise and the dropout")
     max_steps: int = _option(50_000, "optimizer steps to train for")
     batch_size: int = _option(4, "samples per process per micro-step")
@@ -88,10 +88,10 @@ class FitConfig:
     mixed_precision: str = _option("no", "accelerate's mixed precision; the adapter's weights stay float32",
                                    MIXED_PRECISION)
     gradient_checkpointing: bool = _option(False, "recompute UNet (and VAE decoder) activations in the backward pass")
-    face_id_weight: float = _option(0.1, "λ of the face-ID loss (papers.md §1.6); 0 turns it off (no VAE decode)")
+    face_id_weight: float = _option(0.1, "λ of the face-ID loss (DESIGN.md §2.5); 0 turns it off (no VAE decode)")
     identity_dropout: float = _option(
         0.1, "probability that a sample trains without its identity (E_r zeroed, no identity suffix in the prompt), "
-             "for classifier-free guidance (our choice, papers.md §1.8 [I])")
+             "for classifier-free guidance (our choice, DESIGN.md §2.6 [I])")
     resolution: int = _option(512, "target images: shorter side resized to this, then centre-cropped square")
     random_flip: bool = _option(False, "flip target images horizontally at random (our choice: off)")
     cache_features: bool = _option(

@@ -1,4 +1,4 @@
-"""What a training step trains on (papers.md §1.8, §4.5): per sample an identity, a target image with its caption, and
+"""What a training step trains on (DESIGN.md §2.6): per sample an identity, a target image with its caption, and
 N references of the same identity; and the frozen features of those, computed once.
 
 Order. Everything random about a sample is a pure function of (seed, sample index): the target is position
@@ -7,10 +7,10 @@ noise and timestep come from a generator seeded with (seed, index). Micro-step s
 samples s·B·P + p·B + j, j < B (B the per-process batch size), so processes draw different samples and a run's
 position is one step counter: a resumed run sees exactly the samples an uninterrupted one would.
 
-References. N images of the target's identity other than the target (disjoint, papers.md §1.8 [I]) when it has that
-many; otherwise all the others, filled up with the cache's augmented copies (flip, rotation, colour, papers.md §1.3)
+References. N images of the target's identity other than the target (disjoint, DESIGN.md §2.6 [I]) when it has that
+many; otherwise all the others, filled up with the cache's augmented copies (flip, rotation, colour, DESIGN.md §2.2)
 of those images, or of the target when it is the identity's only image; without augmented copies in the cache,
-images are repeated (the paper's replication). Their order is shuffled (papers.md §4.1: the image slot carries no
+images are repeated (the paper's replication). Their order is shuffled (DESIGN.md §2.2: the image slot carries no
 meaning).
 
 Frozen features. The VAE latent distribution of each target (mean and std; a latent is drawn from it per sample

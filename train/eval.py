@@ -9,7 +9,7 @@ to N), MFF and the identity MLP; each prompt (a text file, one per line, and/or 
 once per seed through the base model's diffusers pipeline with the adapter attached and the identity token spliced
 (train/generate.py, the code of fit's sample grids). The score of an image is the Face Similarity node's measure
 (`idadapter_core.face.identity_similarity`): the ArcFace cosine of its largest face to the identity's mean reference
-face, or "no face" when none is found; the paper's ID-Sim (papers.md §1.10).
+face, or "no face" when none is found; the paper's ID-Sim (DESIGN.md §2.8).
 
 Written to --out, each file atomically: similarity.csv and similarity.md (identity, prompt, seed, similarity, image;
 the means), summary.json, grid.png (per identity and seed: reference crops | one generation per prompt; the first

@@ -1,4 +1,4 @@
-"""Train IDAdapter weights on a prepared cache (papers.md §1.6, §1.8, §4.5), on accelerate.
+"""Train IDAdapter weights on a prepared cache (DESIGN.md §2.5, §2.6), on accelerate.
 
     python -m train fit --config fit.yaml [--lr 3e-5 --batch-size 4 --resume latest ...]
     accelerate launch --multi_gpu --num_processes 8 -m train fit --config fit.yaml
@@ -148,7 +148,7 @@ class FrozenParts:
 class IDAdapterTrainingStep(nn.Module):
     """forward(batch) -> the step's losses; the only registered submodule is the adapter.
 
-    Identity dropout (our choice, papers.md §1.8 [I]): a dropped sample gets E_r = 0 and the plain caption (no
+    Identity dropout (our choice, DESIGN.md §2.6 [I]): a dropped sample gets E_r = 0 and the plain caption (no
     ', <class> is <trigger>' suffix, so no E_c), the unconditional input of classifier-free guidance; it gets no
     face-ID loss (there is no identity to preserve)."""
 
@@ -178,7 +178,7 @@ class IDAdapterTrainingStep(nn.Module):
         self.frozen.binding.set_identity(None)
 
     def _face_id_loss(self, noisy: torch.Tensor, prediction: torch.Tensor, batch: TrainingBatch):
-        """λ's term of papers.md §1.6: 1 - cos(R(x̂0), mean f_a), on the samples that kept their identity and whose
+        """λ's term of DESIGN.md §2.5: 1 - cos(R(x̂0), mean f_a), on the samples that kept their identity and whose
         x̂0 shows a face."""
         from .losses import decode_latents, predict_x0
 
@@ -197,7 +197,7 @@ class IDAdapterTrainingStep(nn.Module):
 
 
 def gate_values(adapter: IDAdapter) -> dict[str, float]:
-    """tanh(γ) of every block's attention and dense gates (papers.md §4.2: how much each adapter contributes)."""
+    """tanh(γ) of every block's attention and dense gates (DESIGN.md §2.4: how much each adapter contributes)."""
     values = {}
     for index, block in enumerate(adapter.blocks):
         values[f"gates/attn/{index:02d}"] = float(torch.tanh(block.alpha_attn.detach().float()))

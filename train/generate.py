@@ -1,6 +1,6 @@
 """Identity-conditioned generation through diffusers, as the trainer's sample grids and `eval` do it: the base model's
 own pipeline (DDIM) with `DiffusersIDAdapter` attached to its UNet, E_r set on the adapter and E_c spliced in place of
-the trigger word of "<prompt>, <class word> is <trigger word>" (papers.md §1.4, §4.3); the negative prompt is encoded
+the trigger word of "<prompt>, <class word> is <trigger word>" (DESIGN.md §2.3); the negative prompt is encoded
 without identity. Each image's starting noise comes from its own seed, so an image depends on its prompt and seed
 only, not on the batch it was generated in.
 """

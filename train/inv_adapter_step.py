@@ -3,7 +3,7 @@
 Per sample: a target image of an identity and one other image of it as the reference (the target itself when the
 identity has a single image). The reference's features come from a reference pass of the frozen UNet at the target's
 timestep, on the null prompt, and enter the generation pass through the EAA. Where the reference latent at that
-timestep comes from is a choice (`reference_features`, our inference, papers.md §4.6 [I]):
+timestep comes from is a choice (`reference_features`, our inference, DESIGN.md §3.2 [I]):
 - "noised" (default): the reference latent forward-noised to the timestep, z_t = sqrt(ᾱ_t)·z_0 + sqrt(1 − ᾱ_t)·ε —
   the cheap stand-in for an inversion trajectory (both are latents at the same noise level);
 - "inversion": the point of its DDIM inversion (null prompt, `inversion_steps` steps) nearest to the timestep, as at

@@ -1,7 +1,7 @@
-"""IDAdapter's face identity loss (papers.md §1.6, §4.4): L = L_SD + F(x̂0)·λ·L_id, L_id = 1 − cos(R(x̂0), f_a).
+"""IDAdapter's face identity loss (DESIGN.md §2.5): L = L_SD + F(x̂0)·λ·L_id, L_id = 1 − cos(R(x̂0), f_a).
 
 The paper fixes the formula, the detector gate F and λ = 0.1; how x̂0 reaches the recognizer is ours ([I] in
-papers.md §4.4): the one-step x̂0 from the model output (`predict_x0`), decoded by the frozen VAE with gradients
+DESIGN.md §2.5): the one-step x̂0 from the model output (`predict_x0`), decoded by the frozen VAE with gradients
 (`decode_latents`; `FaceIDLoss.from_latents` decodes with gradients only the items that show a face), a face
 detector on a detached uint8 copy giving the gate and 5 landmarks
 (`FaceDetectorGate`, the model pack's SCRFD in place of the paper's RetinaFace), a differentiable similarity warp
@@ -28,7 +28,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def predict_x0(
     z_t: torch.Tensor, model_output: torch.Tensor, alphas_cumprod_t: torch.Tensor | float, prediction_type: str
 ) -> torch.Tensor:
-    """The one-step estimate of the clean latent z0 from the noisy latent z_t and the model output (papers.md §4.4).
+    """The one-step estimate of the clean latent z0 from the noisy latent z_t and the model output (DESIGN.md §2.5).
 
     epsilon:      z0 = (z_t − sqrt(1 − ᾱ_t)·ε̂) / sqrt(ᾱ_t)
     v_prediction: z0 = sqrt(ᾱ_t)·z_t − sqrt(1 − ᾱ_t)·v̂
@@ -61,7 +61,7 @@ def predict_x0(
 
 
 def decode_latents(vae: nn.Module, z0: torch.Tensor, scaling_factor: float | None = None) -> torch.Tensor:
-    """VAE-decode latents with gradients flowing back to `z0` (papers.md §4.4 [I]): (B, 3, H, W) in about [-1, 1].
+    """VAE-decode latents with gradients flowing back to `z0` (DESIGN.md §2.5 [I]): (B, 3, H, W) in about [-1, 1].
 
     The latents are unscaled as diffusers' pipelines do: z0 / scaling_factor + shift_factor, both read from
     `vae.config` (`scaling_factor` overrides the first). The VAE must be frozen by the caller
@@ -119,7 +119,7 @@ FaceGate = Callable[[np.ndarray], FaceDetections]
 
 
 class FaceDetectorGate:
-    """The gate F of papers.md §1.6: is there a face in x̂0, and where are its 5 landmarks.
+    """The gate F of DESIGN.md §2.5: is there a face in x̂0, and where are its 5 landmarks.
 
     The paper uses RetinaFace; we use the model pack's own detector (SCRFD) through `FaceAnalyzer.detect`, once per
     image at `det_size` (no fallback sizes, unlike reference detection: a training step should not run the detector
@@ -168,7 +168,7 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
 
 
 class FaceIDLoss(nn.Module):
-    """L_id of papers.md §1.6 with the detector gate: sum_b F_b·(1 − cos(R(align(x̂0_b)), f_a_b)) / B.
+    """L_id of DESIGN.md §2.5 with the detector gate: sum_b F_b·(1 − cos(R(align(x̂0_b)), f_a_b)) / B.
 
     Reduction ([I], our choice): dividing by the whole batch size, not by the number of faces found, keeps the
     loss scale independent of how often the gate opens (few faces at large t would otherwise weigh as much as
@@ -204,7 +204,7 @@ class FaceIDLoss(nn.Module):
         """The loss of x̂0 latents, decoded by `decode` (e.g. `decode_latents` with the VAE) only as far as needed:
         once without gradients for the gate, then again with gradients for the items that show a face. An item
         without a face then costs one decoder forward and no decoder backward (x̂0 at large t, and early in
-        training, rarely shows a face), one with a face a second forward; papers.md §4.4 [I]. The loss equals
+        training, rarely shows a face), one with a face a second forward; DESIGN.md §2.5 [I]. The loss equals
         `forward(decode(latents))` up to the decoder's batch-size rounding."""
         batch = latents.shape[0]
         if reference_embeds.ndim != 2 or reference_embeds.shape[0] != batch:

@@ -41,7 +41,7 @@ class ModelLoadError(IDAdapterError):
 class TextConditioning:
     """The base model's tokenizers and text encoders keyed as the layout keys them (`l` / `h` for SD1.x / SD2.x, `l`
     and `g` for SDXL), with the identity token E_c spliced into each encoder's input embeddings in place of the
-    trigger word (papers.md §1.4, §4.3)."""
+    trigger word (DESIGN.md §2.3)."""
 
     def __init__(self, encoders: dict[str, tuple[object, nn.Module]], trigger_word: str, sdxl: bool) -> None:
         self.encoders = encoders
@@ -344,7 +344,7 @@ def idadapter_config(
 
 
 def build_face_id_loss(config: FitConfig, face_model: str, face_dim: int):
-    """The face-ID loss of papers.md §1.6 on the insightface pack the cache was made with: its detector as the gate
+    """The face-ID loss of DESIGN.md §2.5 on the insightface pack the cache was made with: its detector as the gate
     and its recognizer converted to a differentiable torch module (float32, CPU; move it with the run)."""
     from .arcface_torch import ArcFaceTorch
     from .losses import FaceDetectorGate, FaceIDLoss

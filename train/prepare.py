@@ -2,7 +2,7 @@
 
 For every image: the largest face, found and aligned exactly as the ComfyUI nodes do (`idadapter_core.face`), its
 ArcFace embedding and 224x224 CLIP crop, and `--augmentations` seeded augmented copies (flip, small rotation,
-colour jitter: the paper's enrichment of identities with few images, papers.md §1.3, §4.5), each with its own
+colour jitter: the paper's enrichment of identities with few images, DESIGN.md §2.2, §2.6), each with its own
 embedding and crop, so training never runs the frozen face models. Unreadable images and images without a large
 enough face are skipped, identities left with fewer than `--min-images` images are dropped, and report.json
 says which and why. The cache layout is described in train/cache.py.
@@ -161,7 +161,7 @@ def _collect_folder(root: Path, class_word: str) -> list[SourceImage]:
 
 def _read_caption(path: Path) -> str:
     """The caption file beside an image, stripped ('' when there is none). Several lines are kept as they are (one
-    caption per line is MM-CelebA-HQ's layout, papers.md §1.8)."""
+    caption per line is MM-CelebA-HQ's layout, DESIGN.md §2.6)."""
     if not path.is_file():
         return ""
     try:
