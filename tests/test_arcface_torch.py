@@ -143,7 +143,7 @@ def test_tiny_test_recognizer_matches_insightface(tmp_path):
 # ------------------------------------------------------------------------------------------------------ gradients
 
 def test_gradients_reach_the_input_and_equal_torchs_own(mobilefacenet):
-    """The face-ID loss' form, 1 - cos (papers.md §1.6), backpropagated to the pixels through the converted graph
+    """The face-ID loss' form, 1 - cos (DESIGN.md §2.5), backpropagated to the pixels through the converted graph
     and through the torch model it was exported from (float64 both; the export folds conv+BN in float32, so the
     two differ by that rounding only)."""
     model, path = mobilefacenet
@@ -240,6 +240,9 @@ SINGLE_OP_GRAPHS = {
         [2, 8], None, [("lo", np.array(-1.0, np.float32)), ("hi", np.array(0.8, np.float32)), ("w", rand(8, 5)),
                        ("g", rand(5, seed=1)), ("b", rand(5, seed=2)), ("mu", rand(5, seed=3)),
                        ("var", np.abs(rand(5, seed=4)) + 0.5), ("slope", rand(5, seed=5))]),
+    "prelu slopes on the last axis (numpy broadcasting), one slope for all": lambda: onnx_model(
+        [N("PRelu", ["x", "w_slope"], ["p"]), N("PRelu", ["p", "one"], ["y"])], [2, 3, 4, 5], None,
+        [("w_slope", rand(5, seed=1)), ("one", np.array([0.3], np.float32))]),
     "batchnorm opset 8 spatial=0 (statistics per activation)": lambda: onnx_model(
         [N("BatchNormalization", ["x", "g", "b", "mu", "var"], ["y"], epsilon=1e-3, spatial=0)], [2, 3, 4, 5], None,
         [("g", rand(3, 4, 5, seed=1)), ("b", rand(3, 4, 5, seed=2)), ("mu", rand(3, 4, 5, seed=3)),

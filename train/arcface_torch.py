@@ -1,4 +1,4 @@
-"""insightface's ArcFace recognizer as a differentiable torch module, for the face-ID loss (papers.md §1.6, §4.4).
+"""insightface's ArcFace recognizer as a differentiable torch module, for the face-ID loss (DESIGN.md §2.5).
 
 L_id = 1 - cos(R(x0_hat), f_a) needs gradients through R, the same ArcFace that gave the reference features f_a.
 `ArcFaceTorch.from_onnx(path)` converts the user's insightface ONNX file (glintr100.onnx, w600k_r50.onnx, ...)

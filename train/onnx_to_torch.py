@@ -1,9 +1,14 @@
-"""An ONNX graph as a differentiable torch module, op by op (for the trainer's face-ID loss, papers.md §1.6, §4.4).
+"""An ONNX graph as a differentiable torch module, op by op (for the trainer's face-ID loss, DESIGN.md §2.5).
 
 The face-ID loss backpropagates through ArcFace, and users have ArcFace only as insightface's ONNX files
 (antelopev2 glintr100 = IResNet-100, buffalo_l w600k_r50 = IResNet-50, MobileFaceNets, older mxnet-converted
-models). onnx2torch / onnx2pytorch need torchvision, which cannot be installed beside our torch, so this is our
-own small converter: the graph's nodes run in graph order with torch ops, with ONNX's (numpy's) broadcasting.
+models). onnx2torch 1.5.15 (bench/onnx_converters.py) gives the same embeddings and bitwise the same input gradients
+on insightface's layouts, but it imports torchvision, and PyPI's torchvision does not load beside the CPU torch
+2.13.0 wheel (0.28.0: "operator torchvision::nms does not exist"; 0.29.x needs torch >= 2.14, a 5.5 GB CUDA
+build); it also lacks opset-7/8 BatchNormalization and Dropout (mxnet-converted recognizers), SAME_* conv padding
+and asymmetric AveragePool padding, and silently mis-converts Pad-10's `value` and a Dropout with a mask output.
+So this is our own small converter: the graph's nodes run in graph order with torch ops, with ONNX's (numpy's)
+broadcasting.
 
 Weights and float constants become non-persistent buffers (they follow `.to(device / dtype)`, nothing is
 trainable, the ONNX file stays the one source of truth, so `state_dict()` is empty: our choice). Integer and bool
@@ -307,6 +312,12 @@ def _batch_norm(node: _NodeView) -> Run:
 def _prelu(node: _NodeView) -> Run:
     def run(args: list[Value]) -> torch.Tensor:
         x, slope = args
+        # one slope per channel (insightface's (C,) on (N, C), (C, 1, 1) on (N, C, H, W)) or a single one: torch's
+        # fused kernel, 0.2-0.6x the time of the general form below forward + backward; numpy broadcasting else
+        aligned = [1] * (x.dim() - slope.dim()) + list(slope.shape)
+        if (x.dim() >= 2 and x.is_floating_point() and len(aligned) == x.dim() and aligned[1] in (1, x.shape[1])
+                and all(s == 1 for i, s in enumerate(aligned) if i != 1)):
+            return F.prelu(x, slope.reshape(-1))
         return torch.where(x >= 0, x, x * slope)
 
     return run
@@ -336,6 +347,8 @@ def _clip(node: _NodeView) -> Run:
         low, high = low_of(args), high_of(args)
         if low is None and high is None:
             return args[0]
+        if isinstance(low, float) and isinstance(high, float) and low <= high and args[0].is_floating_point():
+            return F.hardtanh(args[0], low, high)  # ReLU6 and co.: forward + backward 0.1-0.2x clamp's time
         return torch.clamp(args[0], low, high)
 
     return run
