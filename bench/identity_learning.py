@@ -1,4 +1,5 @@
-"""Does the trainer learn identity? The paper's Table 2 ablation (papers.md §1.11) in miniature, on CPU.
+"""Does the trainer learn identity? The paper's Table 2 ablation (papers.md §1.11) in miniature, on CPU, and the same
+check for Inv-Adapter and for IDAdapter's faster mode.
 
 Data (synthetic, written in the prepared-cache format of train/cache.py, so `fit`'s own data code reads it):
 every identity is a striped disc ("face") with its own two colours, stripe angle and stripe offset, and its own
@@ -12,22 +13,33 @@ Models (random weights, built in code): a tiny SD-like base model (UNet, VAE wit
 and a data-calibrated scaling factor, CLIP text encoder) whose UNet is first trained on the training images
 with the plain caption (a "base model" that denoises these faces in general and knows no identity), and a tiny CLIP
 vision model. Then the adapter is trained with the trainer's step (`IDAdapterTrainingStep`, `SamplePlan`,
-`FrozenFeatures`, `assemble_batch`: the inner loop of train.fit without accelerate) in three settings, each from the
+`FrozenFeatures`, `assemble_batch`: the inner loop of train.fit without accelerate) in four settings, each from the
 same initialisation and sample order:
 - full: MFF -> E_r into the adapters, and E_c as the identity token;
 - identity token only (the paper's "No MFF (no E_r)"): every adapter gate kept closed (tanh(0) = 0, frozen);
-- adapter only (the paper's "No Text Embedding (no E_c)"): the trigger word keeps its own embedding.
+- adapter only (the paper's "No Text Embedding (no E_c)"): the trigger word keeps its own embedding;
+- skip highest resolution: the faster mode (Apply IDAdapter's `blocks`), the adapters of the highest-resolution
+  blocks closed at training and at inference; the full model is also evaluated with them closed at inference only.
+Inv-Adapter (`--method inv-adapter`; train/inv_adapter_step.py, one reference image per sample, no identity dropout)
+is trained from the same base model in four settings: forward-noised references (the trainer's default) with both EAA
+branches, with the self-attention branch only (W''_V frozen at 0) and the cross-attention branch only (the gate frozen
+at 0), and DDIM-inverted references (`reference_features: inversion`) with both branches.
 
-Check: diffusion loss on held-out target images of the TRAINING identities (images never used as targets or
-references in training; with 8 identities the mapping from references to appearance is learned for those, not for
-identities never seen), with fixed noise and a fixed grid of timesteps, conditioned on N references of the matching
-identity vs N references of another training identity (shuffled); gap = shuffled - matching, which must be positive
-when identity is learned. Also shown: the loss without identity (E_r zeroed, plain caption: the classifier-free-
-guidance input), and the base model alone. Over several seeds (each seed draws new identities, images, models and
-data order); mean and spread (sample standard deviation, and min..max).
+Check: diffusion loss on held-out target images of the TRAINING identities (images never used as targets or references
+in training; with 8 identities the mapping from references to appearance is learned for those, not for identities
+never seen), with fixed noise and a fixed grid of timesteps, conditioned on N references of the matching identity vs N
+references of another training identity (shuffled; Inv-Adapter's reference is the first of them); gap = shuffled -
+matching, which must be positive when identity is learned. Also shown: the loss without identity (E_r zeroed, plain
+caption: the classifier-free-guidance input; for Inv-Adapter the EAA off, which is the base model), and the base
+model alone. The faster mode's identity cost is the ratio of its gap to the full model's, per seed. Over several seeds
+(each seed draws new identities, images, models and data order); mean and spread (sample standard deviation, and
+min..max).
 
-Run: `python bench/identity_learning.py [--quick] [--seeds 3] [--steps 300] [--json PATH]` (about 5 minutes a seed,
-15 for the default 3, measured on 2 shared cores; `--quick` halves the adapter training).
+Run: `python bench/identity_learning.py [--method idadapter|inv-adapter|both] [--variants NAME ...] [--quick]
+[--seeds 3] [--first-seed 0] [--steps 300] [--json PATH]` (on a 2-core machine shared with other jobs, 2026-12-06:
+about 30 minutes a seed for IDAdapter's four settings at 300 steps, and as long for Inv-Adapter's four; `--quick`
+halves the adapter training). Seeds are independent, so they can run as separate processes (`--first-seed k
+--seeds 1`); `--json` is rewritten after every seed.
 Prints a table and exits 0 (it is a report).
 """
 from __future__ import annotations
@@ -40,9 +52,10 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -60,7 +73,11 @@ from train.cache import (  # noqa: E402
 )
 from train.config import FitConfig, resolve_config  # noqa: E402
 from train.data import FrozenFeatures, ReferenceKey, Sample, SamplePlan  # noqa: E402
-from train.fit import IDAdapterTrainingStep, assemble_batch, build_training_step  # noqa: E402
+from idadapter_core.schedule import adapter_blocks  # noqa: E402
+from train.fit import (  # noqa: E402
+    IDAdapterTrainingStep, assemble_batch, assemble_inv_adapter_batch, build_training_step,
+)
+from train.inv_adapter_step import InvAdapterTrainingStep  # noqa: E402
 from train.models import ClipVision, TextConditioning  # noqa: E402
 from train.prepare import PrepareReport, save_arrays, write_text_atomic  # noqa: E402
 from train.tiny_models import tiny_clip_tokenizer  # noqa: E402
@@ -342,8 +359,9 @@ class Session:
 
     config: FitConfig
     cache: TrainCache
-    step_module: IDAdapterTrainingStep
-    clip: ClipVision
+    step_module: IDAdapterTrainingStep | InvAdapterTrainingStep
+    clip: ClipVision | None
+    """None for Inv-Adapter (it has no CLIP vision model)."""
     optimizer: torch.optim.Optimizer
     plan: SamplePlan
 
@@ -351,8 +369,13 @@ class Session:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    @property
+    def assemble(self):
+        """The trainer's batch assembly for the session's method."""
+        return assemble_inv_adapter_batch if self.config.method == "inv-adapter" else assemble_batch
 
-def start_session(config: FitConfig, adjust: Callable[[IDAdapterTrainingStep], None] | None = None) -> Session:
+
+def start_session(config: FitConfig, adjust: Callable[[torch.nn.Module], None] | None = None) -> Session:
     """What train.fit does before its loop, on one CPU process: seed, load the models, build the adapter, Adam over its
     trainable parameters. `adjust` changes the step module before the optimizer is made (the ablations)."""
     torch.manual_seed(config.seed)
@@ -370,17 +393,18 @@ def frozen_features(session: Session, cache: TrainCache, enabled: bool = True) -
     """The trainer's frozen-feature store over `cache`, with the session's VAE and CLIP vision model."""
     from idadapter_core import clip_encoder_from_transformers
 
-    vae, clip_encoder = session.step_module.frozen.base.vae, clip_encoder_from_transformers(session.clip.model)
+    vae = session.step_module.frozen.base.vae
+    clip_encoder = None if session.clip is None else clip_encoder_from_transformers(session.clip.model)
     return FrozenFeatures(cache, vae, clip_encoder, session.config.resolution, session.device, enabled=enabled)
 
 
 def train_step(session: Session, features: FrozenFeatures, step: int) -> dict[str, float]:
     """Optimizer step `step`, as train.fit's loop runs it (one process, no gradient accumulation, no mixed
-    precision): the plan's samples, `assemble_batch`, the step module's loss, backward, Adam."""
+    precision): the plan's samples, the method's batch assembly, the step module's loss, backward, Adam."""
     samples = session.plan.step_samples(step, session.config.batch_size)
     base = session.step_module.frozen.base
-    batch = assemble_batch(samples, features, session.cache, base.text, base.vae.config,
-                           base.noise_scheduler.config.num_train_timesteps, session.device)
+    batch = session.assemble(samples, features, session.cache, base.text, base.vae.config,
+                             base.noise_scheduler.config.num_train_timesteps, session.device)
     losses = session.step_module(batch)
     losses["loss"].backward()
     session.optimizer.step()
@@ -412,11 +436,82 @@ def adapter_only(step_module: IDAdapterTrainingStep) -> None:
     step_module.adapter.id_token.requires_grad_(False)
 
 
-VARIANTS: dict[str, Callable[[IDAdapterTrainingStep], None] | None] = {
-    "full (E_r + E_c)": None,
-    "identity token only": token_only,
-    "adapter only": adapter_only,
+def highest_resolution_blocks(step_module: IDAdapterTrainingStep) -> list[int]:
+    """The blocks Apply IDAdapter's faster mode (`blocks = skip highest resolution`) leaves the adapter out of."""
+    layout = step_module.frozen.base.layout
+    kept = adapter_blocks(layout, "skip highest resolution")
+    return [index for index in range(layout.num_blocks) if index not in kept]
+
+
+def skip_highest_resolution(step_module: IDAdapterTrainingStep) -> None:
+    """The faster mode at training: the adapters of the highest-resolution blocks stay closed (γ = 0, frozen), which
+    is exactly what leaving them out does; the cross-attention K/V differences train in every block, as the node
+    applies them in every block in this mode too."""
+    for index in highest_resolution_blocks(step_module):
+        block = step_module.adapter.blocks[index]
+        block.alpha_attn.requires_grad_(False)
+        block.alpha_dense.requires_grad_(False)
+
+
+@contextmanager
+def highest_resolution_skipped(step_module: IDAdapterTrainingStep) -> Iterator[None]:
+    """The faster mode at inference on a model trained with every block: those blocks' gates closed meanwhile."""
+    gates = [gate for index in highest_resolution_blocks(step_module)
+             for gate in (step_module.adapter.blocks[index].alpha_attn, step_module.adapter.blocks[index].alpha_dense)]
+    saved = [gate.detach().clone() for gate in gates]
+    with torch.no_grad():
+        for gate in gates:
+            gate.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for gate, value in zip(gates, saved):
+                gate.copy_(value)
+
+
+def self_attention_only(step_module: InvAdapterTrainingStep) -> None:
+    """Inv-Adapter without its cross-attention branch: W''_V stays 0 (frozen), so that branch adds an exact 0."""
+    for block in step_module.adapter.blocks:
+        block.cross_k.requires_grad_(False)
+        block.cross_v.requires_grad_(False)
+
+
+def cross_attention_only(step_module: InvAdapterTrainingStep) -> None:
+    """Inv-Adapter without its self-attention branch: the gate stays closed (γ = 0, frozen)."""
+    for block in step_module.adapter.blocks:
+        for parameter in (block.self_gate, block.self_k.weight, block.self_v.weight):
+            parameter.requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained setting: the method, trainer settings that differ from the method's default, and a change to the
+    step module before its optimizer is made."""
+
+    method: str
+    adjust: Callable[[torch.nn.Module], None] | None = None
+    config: tuple[tuple[str, object], ...] = ()
+
+
+FULL_IDADAPTER, SKIPPED = "full (E_r + E_c)", "skip highest resolution (training and inference)"
+SKIPPED_AT_INFERENCE = "full, skip highest resolution at inference only"
+"""Not trained on its own: the full model evaluated with the faster mode."""
+VARIANTS: dict[str, Variant] = {
+    FULL_IDADAPTER: Variant("idadapter"),
+    "identity token only": Variant("idadapter", token_only),
+    "adapter only": Variant("idadapter", adapter_only),
+    SKIPPED: Variant("idadapter", skip_highest_resolution),
+    "Inv-Adapter, forward-noised references": Variant("inv-adapter"),
+    "Inv-Adapter, noised, self-attention only": Variant("inv-adapter", self_attention_only),
+    "Inv-Adapter, noised, cross-attention only": Variant("inv-adapter", cross_attention_only),
+    "Inv-Adapter, DDIM-inverted references": Variant("inv-adapter", config=(("reference_features", "inversion"),)),
 }
+METHODS = ("idadapter", "inv-adapter")
+
+
+def method_variants(method: str) -> list[str]:
+    return [name for name, variant in VARIANTS.items() if variant.method == method]
 
 
 # ---- the check -------------------------------------------------------------------------------------------------
@@ -453,21 +548,27 @@ def make_eval_set(cache: TrainCache, held_out: list[int], num_refs: int, timeste
 def held_out_loss(session: Session, features: FrozenFeatures, eval_set: EvalSet, condition: str) -> float:
     """Mean diffusion loss over the held-out targets and the timestep grid, with fixed noise (each (target,
     timestep) pair has its own seed, the same in every condition and every model). condition: 'matching',
-    'shuffled' or 'no identity' (E_r zeroed and the plain caption, as identity dropout trains it)."""
+    'shuffled' or 'no identity' (IDAdapter: E_r zeroed and the plain caption, as identity dropout trains it;
+    Inv-Adapter, whose reference is its first reference: the EAA off, i.e. the base model)."""
     base = session.step_module.frozen.base
+    keep = condition != "no identity"
+    inv_binding = session.step_module.frozen.binding if session.config.method == "inv-adapter" else None
+    if inv_binding is not None:
+        inv_binding.weight = 1.0 if keep else 0.0
     session.step_module.eval()
     losses = []
     for index, row in enumerate(eval_set.targets):
         references = eval_set.shuffled[index] if condition == "shuffled" else eval_set.matching[index]
-        keep = condition != "no identity"
         samples = [Sample(index=0, row=row, references=references, keep_identity=keep, flip=False,
                           seed=1_000_003 * index + k) for k in range(len(eval_set.timesteps))]
-        batch = assemble_batch(samples, features, features.cache, base.text, base.vae.config,
-                               base.noise_scheduler.config.num_train_timesteps, session.device)
+        batch = session.assemble(samples, features, features.cache, base.text, base.vae.config,
+                                 base.noise_scheduler.config.num_train_timesteps, session.device)
         batch = replace(batch, timesteps=torch.tensor(eval_set.timesteps))
         losses.append(float(session.step_module(batch)["diffusion_loss"]))
         session.step_module.release()
     session.step_module.train()
+    if inv_binding is not None:
+        inv_binding.weight = 1.0
     return statistics.fmean(losses)
 
 
@@ -512,6 +613,9 @@ class Settings:
     num_refs: int = 4
     mff_width: int = 32
     identity_dropout: float = 0.1
+    """IDAdapter's (Inv-Adapter trains without: it has no "without identity" input)."""
+    inversion_steps: int = 25
+    """DDIM inversion steps of Inv-Adapter's inverted references."""
     face_dim: int = 32
     timesteps: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900)
 
@@ -532,10 +636,12 @@ class SeedResult:
         return self.losses[variant]["shuffled"] - self.losses[variant]["matching"]
 
 
-def run_seed(seed: int, settings: Settings, spec: ModelSpec, workdir: Path) -> SeedResult:
-    """New identities, images, base model and CLIP model from `seed`; each variant trained from the same start (the
-    same adapter initialisation and sample order)."""
+def run_seed(seed: int, settings: Settings, spec: ModelSpec, workdir: Path,
+             variants: list[str] | None = None) -> SeedResult:
+    """New identities, images, base model and CLIP model from `seed`; each variant (default: all of `VARIANTS`)
+    trained from the same start (per method, the same adapter initialisation; the same sample order)."""
     started = time.perf_counter()
+    variants = list(VARIANTS) if variants is None else variants
     rng = np.random.default_rng(seed)
     identities = make_identities(settings.identities, settings.face_dim, rng)
     per_identity = settings.train_images + settings.held_out_images
@@ -553,27 +659,43 @@ def run_seed(seed: int, settings: Settings, spec: ModelSpec, workdir: Path) -> S
                   settings.base_batch_size, settings.base_lr, seed)
     base_folder = save_base_model(parts, workdir / "base")
     clip_folder = write_clip_vision(spec, workdir / "clip", seed)
-    config = resolve_config(None, dict(
-        cache=str(train_cache), output_dir=str(workdir / "out"), pretrained=str(base_folder),
-        clip_vision=str(clip_folder), face_id_weight=0.0, num_refs=settings.num_refs, mff_width=settings.mff_width,
-        mff_heads=4, batch_size=settings.batch_size, lr=settings.lr, max_steps=settings.steps,
-        identity_dropout=settings.identity_dropout, resolution=spec.resolution, seed=seed, log_with="none",
-    ))
+    method_settings = method_configs(settings, train_cache, base_folder, clip_folder, workdir / "out", spec, seed)
     result = SeedResult(seed, base_model_loss=math.nan)
-    for variant, adjust in VARIANTS.items():
-        session = start_session(config, adjust)
+    for name in variants:
+        variant = VARIANTS[name]
+        session = start_session(resolve_config(None, {**method_settings[variant.method], **dict(variant.config)}),
+                                variant.adjust)
         eval_features = frozen_features(session, eval_cache)
         if math.isnan(result.base_model_loss):
             result.base_model_loss = held_out_loss(session, eval_features, eval_set, "no identity")
+        if not result.probe and session.clip is not None:
             result.probe = identity_probe(eval_features, eval_set.targets)
         features = frozen_features(session, session.cache)
-        for step in tqdm(range(settings.steps), desc=f"seed {seed}: {variant}", leave=False):
+        for step in tqdm(range(settings.steps), desc=f"seed {seed}: {name}", leave=False):
             train_step(session, features, step)
-        result.losses[variant] = {c: held_out_loss(session, eval_features, eval_set, c) for c in CONDITIONS}
-        log.info("seed %d, %s: %s; gap %.4f", seed, variant,
-                 ", ".join(f"{c} {v:.4f}" for c, v in result.losses[variant].items()), result.gap(variant))
+        result.losses[name] = {c: held_out_loss(session, eval_features, eval_set, c) for c in CONDITIONS}
+        if name == FULL_IDADAPTER and SKIPPED in variants:
+            with highest_resolution_skipped(session.step_module):
+                result.losses[SKIPPED_AT_INFERENCE] = {
+                    c: held_out_loss(session, eval_features, eval_set, c) for c in CONDITIONS}
+        log.info("seed %d, %s: %s; gap %.4f", seed, name,
+                 ", ".join(f"{c} {v:.4f}" for c, v in result.losses[name].items()), result.gap(name))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def method_configs(settings: Settings, train_cache: Path, base_folder: Path, clip_folder: Path, output_dir: Path,
+                   spec: ModelSpec, seed: int) -> dict[str, dict]:
+    """Per method, the trainer's settings (`resolve_config` overrides) every variant of it starts from."""
+    common = dict(cache=str(train_cache), output_dir=str(output_dir), pretrained=str(base_folder),
+                  num_refs=settings.num_refs, batch_size=settings.batch_size, lr=settings.lr, max_steps=settings.steps,
+                  resolution=spec.resolution, seed=seed, log_with="none", face_id_weight=0.0)
+    return {
+        "idadapter": dict(common, clip_vision=str(clip_folder), mff_width=settings.mff_width,
+                          mff_heads=4, identity_dropout=settings.identity_dropout),
+        "inv-adapter": dict(common, method="inv-adapter", identity_dropout=0.0,
+                            inversion_steps=settings.inversion_steps),
+    }
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -585,31 +707,36 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def summarize(settings: Settings, results: list[SeedResult]) -> dict:
     variants = {}
-    for variant in VARIANTS:
+    for variant in results[0].losses:
         gaps = [r.gap(variant) for r in results]
         variants[variant] = dict(
             **{condition: spread([r.losses[variant][condition] for r in results]) for condition in CONDITIONS},
             gap=spread(gaps), relative_gap=spread([r.gap(variant) / r.losses[variant]["matching"] for r in results]),
             positive_gaps=sum(g > 0 for g in gaps),
         )
-    full = next(iter(VARIANTS))
+    skip_ratios = {name: spread([r.gap(name) / r.gap(FULL_IDADAPTER) for r in results])
+                   for name in (SKIPPED, SKIPPED_AT_INFERENCE) if name in variants and FULL_IDADAPTER in variants}
+    checked = [names[0] for method in METHODS if (names := [v for v in method_variants(method) if v in variants])]
     return dict(
         settings=asdict(settings), torch=torch.__version__, seeds=[asdict(r) for r in results], variants=variants,
-        base_model_loss=spread([r.base_model_loss for r in results]),
+        base_model_loss=spread([r.base_model_loss for r in results]), skip_gap_ratio=skip_ratios,
         probe={name: statistics.fmean(r.probe[name] for r in results) for name in results[0].probe},
-        check="PASS" if variants[full]["positive_gaps"] == len(results) else "FAIL",
+        checked=checked,
+        check="PASS" if all(variants[name]["positive_gaps"] == len(results) for name in checked) else "FAIL",
     )
 
 
 def print_table(summary: dict) -> None:
     s = summary["settings"]
     seeds = summary["seeds"]
-    print(f"\nIdentity learning, the paper's Table 2 ablation in miniature: {s['identities']} synthetic identities x "
-          f"{s['train_images']} training images; tiny models ({TINY_SPEC.resolution} px); base UNet trained "
-          f"{s['base_steps']} steps without identity, then the adapter {s['steps']} steps (batch {s['batch_size']}, "
-          f"Adam lr {s['lr']:g}, N = {s['num_refs']}, identity dropout {s['identity_dropout']:g}, no face-ID loss). "
-          f"Held out: {s['held_out_images']} images of each TRAINING identity, never a target or a reference in "
-          f"training. Loss: ε-MSE at t = {', '.join(map(str, s['timesteps']))}, fixed noise per (image, t). "
+    print(f"\nIdentity learning, the paper's Table 2 ablation in miniature (IDAdapter), Inv-Adapter's branches and "
+          f"reference features, the faster mode: {s['identities']} synthetic identities x {s['train_images']} training "
+          f"images; tiny models ({TINY_SPEC.resolution} px); base UNet trained {s['base_steps']} steps without "
+          f"identity, then the adapter {s['steps']} steps (batch {s['batch_size']}, Adam lr {s['lr']:g}; IDAdapter: "
+          f"N = {s['num_refs']}, identity dropout {s['identity_dropout']:g}, no face-ID loss; Inv-Adapter: one "
+          f"reference image, {s['inversion_steps']} DDIM inversion steps). Held out: {s['held_out_images']} images of "
+          "each TRAINING identity, never a target or a reference in training. Loss: ε-MSE at t = "
+          f"{', '.join(map(str, s['timesteps']))}, fixed noise per (image, t). "
           f"Seeds {', '.join(str(r['seed']) for r in seeds)}: mean ± sample std [min .. max].\n")
     cell = lambda v, digits=4: f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
     header = ("variant", "matching refs", "shuffled refs", "no identity", "gap shuffled - matching", "gap > 0")
@@ -623,20 +750,32 @@ def print_table(summary: dict) -> None:
     print("\nper seed, gap (shuffled - matching) per variant: " + "; ".join(
         f"seed {r['seed']}: " + ", ".join(f"{name} {r['losses'][name]['shuffled'] - r['losses'][name]['matching']:+.4f}"
                                           for name in r["losses"]) + f" ({r['seconds']:.0f} s)" for r in seeds))
-    relative = summary["variants"][next(iter(VARIANTS))]["relative_gap"]
-    print(f"Full model: the gap is {relative['mean']:.1%} of the matching loss. Check (gap > 0 for the full model in "
-          f"every seed): {summary['check']}. The paper's Table 2 (ID-Sim, full size): full 0.603, no E_r 0.517, no E_c "
-          "0.394.")
-    print("Identity in the inputs, nearest-centroid accuracy on the held-out images "
-          f"(chance {1 / s['identities']:.2f}): "
-          + ", ".join(f"{name} {value:.2f}" for name, value in summary["probe"].items())
-          + ". E_c is made from the CLIP image embedding alone; E_r also sees the ArcFace embedding.")
+    print("No identity: IDAdapter's E_r zeroed with the plain caption; Inv-Adapter's EAA off (the base model).")
+    for name in summary["checked"]:
+        relative = summary["variants"][name]["relative_gap"]
+        print(f"{name}: the gap is {relative['mean']:.1%} ± {relative['std']:.1%} of the matching loss.")
+    for name, ratio in summary["skip_gap_ratio"].items():
+        print(f"Faster mode, gap ratio {name} ÷ full: {cell(ratio, 2)} [{ratio['min']:.2f} .. {ratio['max']:.2f}]")
+    print(f"Check (gap > 0 in every seed for {', '.join(summary['checked'])}): {summary['check']}.")
+    if FULL_IDADAPTER in summary["variants"]:
+        print("The paper's Table 2 (ID-Sim, full size): full 0.603, no E_r 0.517, no E_c 0.394.")
+    if summary["probe"]:
+        print("Identity in the inputs, nearest-centroid accuracy on the held-out images "
+              f"(chance {1 / s['identities']:.2f}): "
+              + ", ".join(f"{name} {value:.2f}" for name, value in summary["probe"].items())
+              + ". E_c is made from the CLIP image embedding alone; E_r also sees the ArcFace embedding.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="half the training steps")
+    parser.add_argument("--method", choices=(*METHODS, "both"), default="idadapter",
+                        help="whose variants to train (default idadapter: its ablations and the faster mode)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                        help="train these variants instead of --method's (quoted names: " + "; ".join(VARIANTS) + ")")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds are FIRST_SEED, FIRST_SEED + 1, ... (default 0)")
     parser.add_argument("--steps", type=int, help=f"adapter training steps (default {Settings.steps})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models run fastest so)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -651,15 +790,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = Settings()
     settings.steps = args.steps or (settings.steps // 2 if args.quick else settings.steps)
+    variants = args.variants or [name for method in (METHODS if args.method == "both" else (args.method,))
+                                 for name in method_variants(method)]
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory() as folder:
-            results.append(run_seed(seed, settings, TINY_SPEC, Path(folder)))
-    summary = summarize(settings, results)
-    print_table(summary)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
-        log.info("wrote %s", args.json)
+            results.append(run_seed(seed, settings, TINY_SPEC, Path(folder), variants))
+        if args.json:  # after every seed, so an interrupted run keeps what it finished
+            args.json.write_text(json.dumps(summarize(settings, results), indent=2))
+    print_table(summarize(settings, results))
     return 0
 
 

@@ -16,17 +16,10 @@ from train.cache import TrainCache
 from train.config import resolve_config
 from train.data import SamplePlan
 from train.tiny_face_models import write_model_pack
+from test_train_fit import one_thread  # noqa: F401  (module-wide fixture: one torch thread)
 
 TINY = throughput.Scale(1 / 16, 1 / 8)
 """64 px, 20-channel UNet, 4 CLIP patches: the smallest scale the layouts allow."""
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_synthetic_cache_is_read_by_the_trainer(tmp_path):
@@ -77,12 +70,12 @@ def test_eval_set_draws_references_from_training_images(tmp_path):
 
 
 MINIMAL = learning.Settings(identities=3, train_images=5, held_out_images=1, steps=2, batch_size=2, base_steps=2,
-                            base_batch_size=2, timesteps=(300, 700))
+                            base_batch_size=2, timesteps=(300, 700), inversion_steps=2)
 
 
 def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
     result = learning.run_seed(0, MINIMAL, learning.TINY_SPEC, tmp_path)
-    assert set(result.losses) == set(learning.VARIANTS)
+    assert set(result.losses) == {*learning.VARIANTS, learning.SKIPPED_AT_INFERENCE}
     assert all(math.isfinite(v) and v > 0 for losses in result.losses.values() for v in losses.values())
     assert math.isfinite(result.base_model_loss)
     # the made-up ArcFace embeddings identify every held-out image; the CLIP inputs are probed too
@@ -90,8 +83,13 @@ def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
     assert set(result.probe) == {"CLIP image embedding", "CLIP patch tokens (mean)", "ArcFace embedding"}
     summary = learning.summarize(MINIMAL, [result, result])
     assert summary["check"] in ("PASS", "FAIL")
+    assert summary["checked"] == [learning.FULL_IDADAPTER, "Inv-Adapter, forward-noised references"]
     assert summary["variants"]["adapter only"]["gap"]["std"] == 0.0
+    assert set(summary["skip_gap_ratio"]) == {learning.SKIPPED, learning.SKIPPED_AT_INFERENCE}
     learning.print_table(summary)
+    # Inv-Adapter's "no identity" is the EAA off: the base model's loss
+    inv_off = result.losses["Inv-Adapter, noised, self-attention only"]["no identity"]
+    assert inv_off == pytest.approx(result.base_model_loss, rel=1e-5)
 
     # the ablations, on the models that run just wrote
     config = resolve_config(None, dict(
@@ -123,6 +121,46 @@ def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
     e_c = {"l": torch.randn(1, learning.TINY_SPEC.text["hidden_size"])}
     assert torch.equal(text.encode(ids, e_c)[0], text.encode(ids)[0])
     assert not torch.equal(full.step_module.frozen.base.text.encode(ids, e_c)[0], text.encode(ids)[0])
+
+    # the faster mode: the highest-resolution blocks' gates stay 0 in training, and are 0 only meanwhile at inference
+    skipped = learning.start_session(config, learning.skip_highest_resolution)
+    left_out = learning.highest_resolution_blocks(skipped.step_module)
+    assert left_out and len(left_out) < len(skipped.step_module.adapter.blocks)
+    features = learning.frozen_features(skipped, skipped.cache)
+    for step in range(2):
+        learning.train_step(skipped, features, step)
+    gate_pairs = lambda session: [(block.alpha_attn.item(), block.alpha_dense.item())
+                                  for block in session.step_module.adapter.blocks]
+    assert all(gate_pairs(skipped)[i] == (0.0, 0.0) for i in left_out)
+    assert all(pair != (0.0, 0.0) for i, pair in enumerate(gate_pairs(skipped)) if i not in left_out)
+    trained = gate_pairs(full)
+    with learning.highest_resolution_skipped(full.step_module):
+        assert [pair for i, pair in enumerate(gate_pairs(full)) if i in left_out] == [(0.0, 0.0)] * len(left_out)
+    assert gate_pairs(full) == trained and all(trained[i] != (0.0, 0.0) for i in left_out)
+
+
+def test_inv_adapter_ablations_switch_off_their_branch(tmp_path):
+    """Self-attention only keeps the cross branch's W''_V at 0 (it adds an exact 0); cross-attention only keeps the
+    self-attention gate closed."""
+    rng = np.random.default_rng(0)
+    identities = learning.make_identities(2, face_dim=8, rng=rng)
+    images = learning.make_images(identities, 3, tmp_path / "images", resolution=32, rng=rng)
+    cache = learning.write_cache(tmp_path / "cache", [i for group in images.values() for i in group], face_dim=8)
+    parts = learning.build_base_components(learning.TINY_SPEC, seed=0)
+    base = learning.save_base_model(parts, tmp_path / "base")
+    settings = learning.Settings(batch_size=2, steps=2, inversion_steps=2)
+    configs = learning.method_configs(settings, cache, base, tmp_path / "clip", tmp_path / "out", learning.TINY_SPEC, 0)
+    for variant, frozen_at_zero, trained in (
+        (learning.self_attention_only, "cross_v.weight", "self_gate"),
+        (learning.cross_attention_only, "self_gate", "cross_v.weight"),
+    ):
+        session = learning.start_session(resolve_config(None, configs["inv-adapter"]), variant)
+        features = learning.frozen_features(session, session.cache)
+        for step in range(2):
+            learning.train_step(session, features, step)
+        for block in session.step_module.adapter.blocks:
+            assert not block.get_parameter(frozen_at_zero).count_nonzero()
+            assert block.get_parameter(trained).count_nonzero()
 
 
 def test_scaled_layouts_keep_the_real_shapes():
