@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from comfy_api.latest import ComfyExtension
 
+WEB_DIRECTORY = "./web"
+"""Served by ComfyUI at /extensions/<this folder's name>/; the frontend's node help reads web/docs/<node id>.md."""
+
 
 async def comfy_entrypoint() -> ComfyExtension:
     from .nodes import IDAdapterExtension

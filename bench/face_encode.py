@@ -325,7 +325,7 @@ def comfy_cache_runs(work: Path, runs: int = 2) -> list[dict]:
         "3": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
         "4": {"class_type": "IDAdapterExtractFaceFeatures", "inputs": {
             "face_analysis": ["1", 0], "clip_vision": ["2", 0], "image": ["3", 0], "num_refs": 4,
-            "fill_mode": "replicate", "face_index": -1, "min_face_size": 64, "seed": 0}},
+            "fill_mode": "replicate", "face": "largest", "face_index": 0, "min_face_size": 64, "seed": 0}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
     }
 

@@ -11,6 +11,8 @@ run is not timed (it loads the models and computes E_r's K/V). Variants, interle
     fp32     the same with an fp32 file
     fast     fp16 file, blocks = "skip highest resolution" (our faster mode)
     kv-only  fp16 file, weight 0 with the K/V at full strength (paper form): only the per-step K/V path
+    masked   fp16 file with a mask covering the left half of the image (the adapter's residual scaled by the mask,
+             the cross-attention run with and without the K/V differences and blended): compared with fp16
     before-* the pack at --before (e.g. `git archive e13f01c`), same files: the host before this change
 The sd15 adapter has random weights, both gates of every block opened and random K/V differences; E_r is random,
 1025 tokens (4 references x 256 patches + 1). The FLOP floor is counted on one UNet call with and without the
@@ -132,6 +134,10 @@ def worker(args: argparse.Namespace) -> dict:
             if dtype == "fp16" and "blocks" in apply_inputs and not prefix:
                 variants["fast"] = apply(blocks="skip highest resolution")
                 variants["kv-only"] = apply(weight=0.0, cross_attention_kv="full strength (paper)")
+            if dtype == "fp16" and "mask" in apply_inputs and not prefix:
+                left_half = torch.zeros(1, args.latent * 8, args.latent * 8)
+                left_half[..., : args.latent * 4] = 1.0
+                variants["masked"] = apply(mask=left_half)
     variants = {name: m for name, m in variants.items() if name in args.variants.split(",")}
 
     def run(patched) -> list[float]:
@@ -153,7 +159,8 @@ def worker(args: argparse.Namespace) -> dict:
     result = dict(attention=args.attention, kernel=comfy_attention.optimized_attention.__name__,
                   latent=args.latent, tokens=args.tokens, steps=args.steps, rounds=args.rounds, times=times)
     if args.flops:
-        result["flops"] = count_flops({name: variants[name] for name in ("base", "fp32", "fast") if name in variants}, latent,
+        counted = ("base", "fp32", "fast", "fp16", "masked")
+        result["flops"] = count_flops({name: variants[name] for name in counted if name in variants}, latent,
                                       positive, negative)
     return result
 
@@ -181,8 +188,8 @@ def count_flops(variants: dict, latent: torch.Tensor, positive, negative) -> dic
     return out
 
 
-def per_round_ratio(times: dict, name: str) -> list[float]:
-    return [statistics.median(a) / statistics.median(b) for a, b in zip(times[name], times["base"])]
+def per_round_ratio(times: dict, name: str, baseline: str = "base") -> list[float]:
+    return [statistics.median(a) / statistics.median(b) for a, b in zip(times[name], times[baseline])]
 
 
 def summarize(results: list[dict]) -> str:
@@ -197,6 +204,8 @@ def summarize(results: list[dict]) -> str:
             lines.append(f"  FLOP floor (E_r K/V cached): {floor:.3f}  (base {result['flops']['base'] / 1e9:.1f} GFLOPs)")
             if "fast" in result["flops"]:
                 lines.append(f"  FLOP floor of the faster mode: {result['flops']['fast'] / result['flops']['base']:.3f}")
+        if "flops" in result and {"masked", "fp16"} <= result["flops"].keys():
+            lines.append(f"  FLOPs with a mask ÷ without: {result['flops']['masked'] / result['flops']['fp16']:.4f}")
         if not result["rounds"]:
             continue
         base = statistics.median(s for run in times["base"] for s in run)
@@ -208,6 +217,9 @@ def summarize(results: list[dict]) -> str:
             seconds = statistics.median(s for run in times[name] for s in run)
             lines.append(f"  {name:<12} {seconds:6.2f} s/step   ÷ base {statistics.median(ratios):.3f} "
                          f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+        if "masked" in times and "fp16" in times:
+            ratios = per_round_ratio(times, "masked", "fp16")
+            lines.append(f"  with a mask ÷ without (fp16): {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}]")
     return "\n".join(lines)
 
 
@@ -215,7 +227,7 @@ def run_host(argv: list[str]) -> int:
     """Parent: writes the weights files, runs one worker per attention mode, prints the table."""
     parser = argparse.ArgumentParser(prog="step_overhead.py --host")
     parser.add_argument("--attention", default="default,pytorch", help="comma list of: default, pytorch")
-    parser.add_argument("--variants", default="base,fp16,fp32,fast,kv-only,before-fp16,before-fp32")
+    parser.add_argument("--variants", default="base,fp16,fp32,fast,kv-only,masked,before-fp16,before-fp32")
     parser.add_argument("--before", help="a checkout of the pack to compare with (before-* variants)")
     parser.add_argument("--latent", type=int, default=64, help="latent size (64: 512² px)")
     parser.add_argument("--tokens", type=int, default=1025, help="E_r length (1025: 4 references x 256 + 1)")

@@ -5,6 +5,7 @@ Shared by every method:
     attention.py  the attention-kernel signature, SDPA, MultiHeadAttention
     presets.py    UNet layouts (transformer blocks in forward order), matching a UNet to a base, checking weights
     weights.py    the safetensors container: atomic writes, refusing what is not a weights file
+    masks.py      region masks at each transformer block's token grid (several people in one image)
     face/         insightface detection, alignment, ArcFace + CLIP features, ID similarity
     hosts/        diffusers / transformers bindings
 One package per method:

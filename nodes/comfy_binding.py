@@ -6,7 +6,8 @@ cross-attention, where ComfyUI's own GLIGEN hooks in); the block is found from `
 forward-order block index by walking the model once. The trained cross-attention K/V differences enter
 through each block's attn2 replace patch (chained onto any already there, `comfy_patches.py`) as
 K + s·ΔW_K·c, V + s·ΔW_V·c, so the weight and the start/end window govern them like the adapter, and
-outside the window the block computes exactly what the unpatched model computes. The patch objects follow
+outside the window the block computes exactly what the unpatched model computes. With a region mask both parts
+are confined to it, per block at the block's token grid (`idadapter_core.masks`). The patch objects follow
 the protocol of ComfyUI's native model-patch nodes (`__call__`, `.to()`, `.models()`, `.cleanup()`), so
 the adapter weights load and offload with the UNet.
 """
@@ -29,6 +30,7 @@ from comfy.ldm.modules.attention import SpatialTransformer, attention_pytorch, a
 
 from ..idadapter_core.errors import IncompatibleWeightsError
 from ..idadapter_core.idadapter import IdentityEmbeds, ReferenceKV, load_idadapter
+from ..idadapter_core.masks import GridMask, RegionMask
 from ..idadapter_core.presets import UNetLayout, check_layout, identify_layout
 from ..idadapter_core.schedule import BLOCK_MODES, AdapterStrength, StepWindow, adapter_blocks, check_schedule
 from ..idadapter_core.weights import file_fingerprint
@@ -150,12 +152,21 @@ def adapter_attention(device: torch.device):
     return optimized_attention
 
 
+def block_mask(region: RegionMask, tokens: torch.Tensor, extra_options: dict) -> GridMask:
+    """`region` at the token grid of the block whose (batch, tokens, channels) rows are `tokens`: the latent's shape
+    (`original_shape`, set by ComfyUI's UNet) gives the grid, `cond_or_uncond` how many chunks the batch stacks."""
+    chunks = len(extra_options.get("cond_or_uncond") or [None])
+    latent_hw = tuple(extra_options["original_shape"][-2:])
+    return region.at(tokens.shape[1], tokens.shape[0], chunks, latent_hw, tokens.device, tokens.dtype)
+
+
 class IDAdapterPatch:
-    """middle_patch: y + β·tanh(γ)·S([y, E_r]) (+ gated FF) in the chosen transformer blocks, inside the window."""
+    """middle_patch: y + β·tanh(γ)·S([y, E_r]) (+ gated FF) in the chosen transformer blocks, inside the window;
+    with a region mask, y + mask·(what the adapter adds)."""
 
     def __init__(
         self, adapter: LoadedAdapter, embeds: IdentityEmbeds, scale: float, window: StepWindow,
-        first_block: tuple[int, ...], blocks: frozenset[int],
+        first_block: tuple[int, ...], blocks: frozenset[int], region: RegionMask | None = None,
     ) -> None:
         self.adapter = adapter
         self.reference_tokens = embeds.reference_tokens
@@ -163,6 +174,7 @@ class IDAdapterPatch:
         self.window = window
         self.first_block = first_block
         self.blocks = blocks
+        self.region = region
         self._reference_kv: dict[tuple, dict[int, ReferenceKV]] = {}
 
     def __call__(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -171,11 +183,17 @@ class IDAdapterPatch:
         index = self.first_block[extra_options["transformer_index"]] + extra_options.get("block_index", 0)
         if index not in self.blocks:
             return x
+        mask = None if self.region is None else block_mask(self.region, x, extra_options)
+        if mask is not None and mask.is_off:
+            return x
         attention = functools.partial(
             adapter_attention(x.device), attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
         )
         block = self.adapter.model.blocks[index]
-        return x + block.residual(x, self._references(x)[index], self.scale, attention)
+        residual = block.residual(x, self._references(x)[index], self.scale, attention)
+        if mask is not None and not mask.is_full:
+            residual.mul_(mask.values)  # exact: where the mask is 0, x + 0 is x
+        return x + residual
 
     def _references(self, x: torch.Tensor) -> dict[int, ReferenceKV]:
         """E_r's K/V for each chosen block, computed once per device and dtype (E_r is constant during sampling)."""
@@ -198,24 +216,36 @@ class IDAdapterPatch:
     def cleanup(self) -> None:
         self._reference_kv.clear()
         self.window.reset()
+        if self.region is not None:
+            self.region.clear()
 
 
 class CrossAttentionKVPatch:
     """attn2 replace patch of one block: its trained cross-attention K/V differences, W + s·ΔW, inside the window;
     outside it the keys and values go on untouched. The previous replace patch of the block (another pack's, or
-    ComfyUI's own attention) runs on the result."""
+    ComfyUI's own attention) runs on the result. With a region mask the block attends with both and blends the rows,
+    base + mask·(shifted − base) (torch.lerp: exactly the base where the mask is 0, the shifted where it is 1)."""
 
-    def __init__(self, adapter: LoadedAdapter, index: int, scale: float, window: StepWindow) -> None:
+    def __init__(self, adapter: LoadedAdapter, index: int, scale: float, window: StepWindow,
+                 region: RegionMask | None = None) -> None:
         self.adapter = adapter
         self.index = index
         self.scale = scale
         self.window = window
+        self.region = region
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, inner) -> torch.Tensor:
-        if self.window.contains(extra_options.get("sigmas")):
-            _, context, value = attention_inputs(extra_options, "attn2")
-            k, v = self.adapter.model.cross_kv[self.index].shift(k, v, context, value, self.scale)
-        return inner(q, k, v, extra_options)
+        if not self.window.contains(extra_options.get("sigmas")):
+            return inner(q, k, v, extra_options)
+        mask = None if self.region is None else block_mask(self.region, q, extra_options)
+        if mask is not None and mask.is_off:
+            return inner(q, k, v, extra_options)
+        _, context, value = attention_inputs(extra_options, "attn2")
+        shifted_k, shifted_v = self.adapter.model.cross_kv[self.index].shift(k, v, context, value, self.scale)
+        shifted = inner(q, shifted_k, shifted_v, extra_options)
+        if mask is None or mask.is_full:
+            return shifted
+        return torch.lerp(inner(q, k, v, extra_options), shifted, mask.values)
 
     def models(self) -> list:
         return [self.adapter.patcher]
@@ -223,31 +253,35 @@ class CrossAttentionKVPatch:
 
 def apply_idadapter(
     model, adapter: LoadedAdapter, embeds: IdentityEmbeds, strength: AdapterStrength, start_at: float, end_at: float,
-    blocks_mode: str = BLOCK_MODES[0],
+    blocks_mode: str = BLOCK_MODES[0], mask: torch.Tensor | None = None,
 ):
     """A clone of MODEL with the adapter (middle_patch) and the trained cross-attention K/V differences (attn2 replace
-    patches, chained onto any already there), both at `strength` and only between start_at and end_at."""
+    patches, chained onto any already there), both at `strength`, only between start_at and end_at and, with a
+    `mask`, only where it is (its value scales them)."""
     embeds.check_made_by(adapter.fingerprint, adapter.name)
     check_schedule(start_at, end_at)
+    region = None if mask is None else RegionMask(mask)
     unet = describe_unet(
         model.get_model_object("diffusion_model"), type(model.model.model_config).__name__, model_prediction(model)
     )
     check_layout(adapter.config.layout, unet.layout, adapter.name)
     patched = model.clone()
-    if strength.is_off:
-        log.info("IDAdapter: weight 0, the model is left as it is")
+    if strength.is_off or (region is not None and region.covers_nothing):
+        log.info("IDAdapter: %s, the model is left as it is", "weight 0" if strength.is_off else "the mask is 0 everywhere")
         return patched
     model_sampling = model.get_model_object("model_sampling")
     window = StepWindow(float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
     if strength.adapter_scale:
         blocks = adapter_blocks(unet.layout, blocks_mode)
         patched.set_model_patch(
-            IDAdapterPatch(adapter, embeds, strength.adapter_scale, window, unet.first_block, blocks), "middle_patch"
+            IDAdapterPatch(adapter, embeds, strength.adapter_scale, window, unet.first_block, blocks, region),
+            "middle_patch",
         )
     if strength.kv_scale and len(adapter.model.cross_kv):
         record_attention_inputs(patched, "attn2")
         for index, key in enumerate(unet.replace_keys):
-            set_attention_replace(patched, "attn2", key, CrossAttentionKVPatch(adapter, index, strength.kv_scale, window))
+            set_attention_replace(patched, "attn2", key, CrossAttentionKVPatch(
+                adapter, index, strength.kv_scale, window, region))
     return patched
 
 

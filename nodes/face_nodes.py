@@ -14,8 +14,8 @@ import torch
 from comfy_api.latest import io
 
 from ..idadapter_core.face import (
-    CLIP_CROP_SCALE, DEFAULT_SAME_PERSON_THRESHOLD, FACE_MODEL_NAMES, FILL_MODES, AlignedReference, ClipEncoder,
-    as_face_analyzer, available_providers, extract_face_features, load_face_analyzer,
+    CLIP_CROP_SCALE, DEFAULT_SAME_PERSON_THRESHOLD, FACE_CHOICES, FACE_MODEL_NAMES, FILL_MODES, AlignedReference,
+    ClipEncoder, as_face_analyzer, available_providers, chosen_face_index, extract_face_features, load_face_analyzer,
 )
 from .pack_types import CATEGORY, FaceFeaturesType
 
@@ -170,11 +170,20 @@ class ExtractFaceFeatures(io.ComfyNode):
                     tooltip="With fewer usable images than N: 'replicate' repeats them (the paper's inference), "
                             "'augment' adds flipped / rotated / colour-jittered copies (its training augmentation).",
                 ),
-                io.Int.Input("face_index", default=-1, min=-1, max=63, advanced=True,
-                             tooltip="-1 uses the largest face of each image; 0, 1, ... the n-th face from the left."),
+                io.Combo.Input(
+                    "face", options=list(FACE_CHOICES), default=FACE_CHOICES[0],
+                    tooltip="Which face of a photo with several: the largest, or the face_index-th counted left to "
+                            "right (to take one person of a group photo).",
+                ),
+                io.Int.Input("face_index", default=0, min=0, max=63,
+                             tooltip="With face 'left to right': 0 is the leftmost face, 1 the next, ... A photo "
+                                     "holding fewer faces is skipped with a warning saying how many it holds."),
                 io.Int.Input("min_face_size", default=64, min=0, max=2048, advanced=True,
                              tooltip="Faces whose box is smaller than this many pixels are not used."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, advanced=True,
+                # The frontend gives an INT named seed "control after generate: randomize" unless told otherwise,
+                # which would re-run detection, CLIP and MFF at every queue. A plain "fixed" string
+                # (io.ControlAfterGenerate.fixed from ComfyUI 0.13) so that older hosts accept it too.
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, advanced=True, control_after_generate="fixed",
                              tooltip="Seed of the 'augment' fill mode's random flips, rotations and colours."),
                 io.Float.Input(
                     "same_person_threshold", default=DEFAULT_SAME_PERSON_THRESHOLD, min=-1.0, max=1.0, step=0.01,
@@ -194,13 +203,14 @@ class ExtractFaceFeatures(io.ComfyNode):
     @classmethod
     def execute(cls, face_analysis, clip_vision, image: torch.Tensor, num_refs: int, fill_mode: str,
                 face_index: int, min_face_size: int, seed: int, more_images: io.Autogrow.Type = None,
-                same_person_threshold: float = DEFAULT_SAME_PERSON_THRESHOLD) -> io.NodeOutput:
+                same_person_threshold: float = DEFAULT_SAME_PERSON_THRESHOLD,
+                face: str = FACE_CHOICES[0]) -> io.NodeOutput:
         face_analysis = as_face_analyzer(face_analysis)
         images, names = reference_images(image, more_images)
         progress = comfy.utils.ProgressBar(len(images))
         features, references = extract_face_features(
             face_analysis, images, comfy_clip_encoder(clip_vision), num_refs=num_refs, fill_mode=fill_mode,
-            face_index=None if face_index < 0 else face_index, min_face_size=min_face_size, seed=seed,
+            face_index=chosen_face_index(face, face_index), min_face_size=min_face_size, seed=seed,
             image_names=names, on_progress=lambda done, total: progress.update_absolute(done, total),
             same_person_threshold=same_person_threshold,
         )

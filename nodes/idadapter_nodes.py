@@ -112,6 +112,9 @@ class ApplyIDAdapter(io.ComfyNode):
                                tooltip="Fraction of the sampling schedule where IDAdapter (adapter and K/V) starts acting."),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the sampling schedule where IDAdapter (adapter and K/V) stops acting."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Where this identity goes (1) and where not (0), any size: resized to the image. "
+                                      "Chain one Apply per person, each with its own mask, for several people in one image."),
                 io.Combo.Input(
                     "cross_attention_kv", options=list(KV_MODES), default=KV_MODES[0], optional=True, advanced=True,
                     tooltip="'scaled by weight': the trained K/V differences follow weight. 'full strength (paper)': "
@@ -129,10 +132,10 @@ class ApplyIDAdapter(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, idadapter, id_embeds, weight: float, start_at: float, end_at: float,
+    def execute(cls, model, idadapter, id_embeds, weight: float, start_at: float, end_at: float, mask=None,
                 cross_attention_kv: str = KV_MODES[0], blocks: str = BLOCK_MODES[0]) -> io.NodeOutput:
         strength = AdapterStrength(weight, kv_follows_weight=cross_attention_kv == KV_MODES[0])
-        return io.NodeOutput(apply_idadapter(model, idadapter, id_embeds, strength, start_at, end_at, blocks))
+        return io.NodeOutput(apply_idadapter(model, idadapter, id_embeds, strength, start_at, end_at, blocks, mask))
 
 
 class IdentityPrompt(io.ComfyNode):

@@ -7,7 +7,8 @@ ComfyUI's; an APPLY_MODEL wrapper captures the null prompt's conditioning on the
   matching noise level with only a recording `attn1_patch` (the self-attention input of every block), then the
   real batch;
 - `attn1` and `attn2` replace patches on every transformer block that add the EAA, chained with any replace already
-  set for that block (`comfy_patches.set_attention_replace`: it still computes the block's own attention).
+  set for that block (`comfy_patches.set_attention_replace`: it still computes the block's own attention); with a
+  region mask, what the EAA adds is scaled by the mask at the block's token grid (`idadapter_core.masks`).
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ import comfy.samplers
 from ..idadapter_core.errors import IDAdapterError, IncompatibleWeightsError
 from ..idadapter_core.face import FaceAnalyzer, align_reference, detect_face, to_rgb_uint8
 from ..idadapter_core.inv_adapter import EAAReferenceKV, ReferenceTrajectory, ddim_invert, inversion_sigmas
+from ..idadapter_core.masks import RegionMask
 from ..idadapter_core.presets import check_layout
 from ..idadapter_core.schedule import StepWindow, check_schedule, require_finite
-from .comfy_binding import LoadedAdapter, describe_unet, model_prediction
+from .comfy_binding import LoadedAdapter, block_mask, describe_unet, model_prediction
 from .comfy_patches import comfy_attention, set_attention_replace
 
 log = logging.getLogger(__name__)
@@ -110,8 +112,10 @@ class InvAdapterPatch:
     """The state shared by the wrapper and the attention replaces of one Apply Inv-Adapter."""
 
     def __init__(self, adapter: LoadedAdapter, reference: ReferenceTrajectory, weight: float, window: StepWindow,
-                 first_block: tuple[int, ...], reference_sigma: float | None, cache_features: bool) -> None:
+                 first_block: tuple[int, ...], reference_sigma: float | None, cache_features: bool,
+                 region: RegionMask | None = None) -> None:
         self.adapter = adapter
+        self.region = region
         self.reference = reference
         self.weight = weight
         self.window = window
@@ -178,6 +182,8 @@ class InvAdapterPatch:
 
     def cleanup(self) -> None:
         self.bank.references = None
+        if self.region is not None:
+            self.region.clear()
 
 
 class EAAAttention:
@@ -193,6 +199,10 @@ class EAAAttention:
         references = self.patch.bank.references
         if references is None:
             return inner(q, k, v, extra_options)
+        region = self.patch.region
+        mask = None if region is None else block_mask(region, q, extra_options)
+        if mask is not None and mask.is_off:
+            return inner(q, k, v, extra_options)
         index = self.patch.block_index(extra_options)
         block = self.patch.adapter.model.blocks[index]
         attend = block.cross_attention if self.cross else block.self_attention
@@ -200,6 +210,7 @@ class EAAAttention:
             q, k, v, references[index], extra_options["n_heads"], self.patch.weight,
             attention=lambda q, k, v, heads: comfy_attention(q, k, v, extra_options),
             own_attention=lambda q, k, v, heads: inner(q, k, v, extra_options),
+            mask=None if mask is None or mask.is_full else mask.values,
         )
 
     def to(self, device_or_dtype):
@@ -211,8 +222,11 @@ class EAAAttention:
 
 
 def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTrajectory, weight: float, start_at: float,
-                      end_at: float, reference_timestep: int = -1, cache_features: bool = True):
-    """A clone of MODEL running the reference pass and the EAA; the input MODEL is untouched."""
+                      end_at: float, reference_timestep: int = -1, cache_features: bool = True,
+                      mask: torch.Tensor | None = None):
+    """A clone of MODEL running the reference pass and the EAA (confined to `mask` when given, scaled by its value);
+    the input MODEL is untouched."""
+    region = None if mask is None else RegionMask(mask)
     unet = model.get_model_object("diffusion_model")
     blocks = describe_unet(unet, type(model.model.model_config).__name__, model_prediction(model))
     check_layout(adapter.config.layout, blocks.layout, adapter.name, method="Inv-Adapter")
@@ -227,8 +241,12 @@ def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTraject
     model_sampling = model.get_model_object("model_sampling")
     reference_sigma = None if reference_timestep < 0 else float(model_sampling.sigmas[min(reference_timestep, len(model_sampling.sigmas) - 1)])
     window = StepWindow(float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
-    patch = InvAdapterPatch(adapter, reference, weight, window, blocks.first_block, reference_sigma, cache_features)
+    patch = InvAdapterPatch(adapter, reference, weight, window, blocks.first_block, reference_sigma, cache_features,
+                            region)
     patched = model.clone()
+    if region is not None and region.covers_nothing:
+        log.info("Inv-Adapter: the mask is 0 everywhere, the model is left as it is (no reference pass)")
+        return patched
     self_attention, cross_attention = EAAAttention(patch, cross=False), EAAAttention(patch, cross=True)
     for key in blocks.replace_keys:
         set_attention_replace(patched, "attn1", key, self_attention)

@@ -97,6 +97,9 @@ class ApplyInvAdapter(io.ComfyNode):
                                tooltip="Fraction of the sampling schedule where the adapter starts acting."),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the sampling schedule where the adapter stops acting."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Where this identity goes (1) and where not (0), any size: resized to the image. "
+                                      "Chain one Apply per person, each with its own mask, for several people in one image."),
                 io.Int.Input("reference_timestep", default=-1, min=-1, max=999, advanced=True,
                              tooltip="-1: the reference pass runs at the same noise level as each step (lock-step). "
                                      "0-999: always at this timestep's point of the inverted trajectory."),
@@ -108,10 +111,10 @@ class ApplyInvAdapter(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inv_adapter, reference, weight: float, start_at: float, end_at: float,
+    def execute(cls, model, inv_adapter, reference, weight: float, start_at: float, end_at: float, mask=None,
                 reference_timestep: int = -1, cache_features: bool = True) -> io.NodeOutput:
         return io.NodeOutput(apply_inv_adapter(model, inv_adapter, reference, weight, start_at, end_at,
-                                               reference_timestep, cache_features))
+                                               reference_timestep, cache_features, mask))
 
 
 INV_ADAPTER_NODES = [LoadInvAdapter, InvertReference, ApplyInvAdapter]

@@ -3,6 +3,7 @@ the SD1.5 graph runs end to end on random-weight models, and bad inputs fail one
 Needs COMFYUI_PATH and the real face assets in ../shared (skipped otherwise)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -20,6 +21,9 @@ from comfy_fixtures import (
 )
 from conftest import REPO_ROOT, comfyui_path_or_skip, shared_assets_or_skip
 from idadapter_core.presets import UNetLayout
+from workflow_format import (
+    CONTROL_MODES, api_from_ui, strip_meta, widget_slots_from_api_node, widget_slots_from_definition,
+)
 
 pytestmark = pytest.mark.comfyui
 
@@ -49,6 +53,8 @@ def server(comfy_pack, tmp_path_factory):
     (models / "insightface/models/standin_scrfd_mbf128").symlink_to(assets / "insightface/models/standin_scrfd_mbf128")
     (base / "input").mkdir()
     shutil.copy(assets / "faces/obama.jpg", base / "input/face.jpg")
+    for photo in ("obama.jpg", "biden.jpg"):  # the two-person workflow's photos, under its own names
+        shutil.copy(assets / "faces" / photo, base / "input" / photo)
     from PIL import Image
 
     Image.new("RGB", (256, 256), (120, 120, 120)).save(base / "input/noface.png")
@@ -144,6 +150,14 @@ def sd15_prompt(**overrides) -> dict:
     return workflow_prompt("idadapter_sd15", values, overrides)
 
 
+def two_people_prompt(**overrides) -> dict:
+    """The shipped two-person workflow (its own two photos) on the tiny models, a landscape latent like its own."""
+    values = {key: value for key, value in TINY_MODELS.items() if key != "LoadImage"}
+    values.update(CLIPVisionLoader={"clip_name": "vitl.safetensors"}, IDAdapterExtractFaceFeatures={"num_refs": 2},
+                  IDAdapterLoader={"adapter_name": "tiny.safetensors"}, EmptyLatentImage={"width": 96, "height": 64})
+    return workflow_prompt("idadapter_two_people_sd15", values, overrides)
+
+
 def inv_adapter_prompt(**overrides) -> dict:
     """The shipped Inv-Adapter SD1.5 API workflow, pointed at the test's tiny models."""
     values = dict(TINY_MODELS, InvAdapterInvertReference={"steps": 3, "crop_size": 64},
@@ -184,7 +198,14 @@ def input_names(definition: dict) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", ["idadapter_sd15", "idadapter_sdxl", "inv_adapter_sd15"])
+UI_WORKFLOWS = sorted(p.stem for p in (REPO_ROOT / "example_workflows").glob("*.json"))
+
+
+def load_ui_workflow(name: str) -> dict:
+    return json.loads((REPO_ROOT / f"example_workflows/{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_shipped_workflows_match_the_node_definitions(server, name):
     info = get(server["url"], "/object_info")
     api = json.loads((REPO_ROOT / f"workflows/api/{name}.json").read_text())
@@ -198,7 +219,7 @@ def test_shipped_workflows_match_the_node_definitions(server, name):
             if isinstance(value, list):
                 source = api[value[0]]
                 assert value[1] < len(info[source["class_type"]]["output"])
-    ui = json.loads((REPO_ROOT / f"workflows/{name}.json").read_text())
+    ui = load_ui_workflow(name)
     assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
     for node in ui["nodes"]:
         definition = info[node["type"]]
@@ -211,12 +232,86 @@ def test_shipped_workflows_match_the_node_definitions(server, name):
             assert model["directory"] in get(server["url"], "/models")
 
 
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_api_workflows_are_the_ui_workflows_converted_by_the_node_definitions(server, name):
+    """The frontend's own reading of `widgets_values` (from the live definitions) gives the API twin, and agrees with
+    the definition-free reading the dev test uses."""
+    info = get(server["url"], "/object_info")
+    ui = load_ui_workflow(name)
+    api = json.loads((REPO_ROOT / f"workflows/api/{name}.json").read_text())
+    assert api_from_ui(ui, lambda node: widget_slots_from_definition(info[node["type"]])) == strip_meta(api)
+    for node in ui["nodes"]:
+        from_api = widget_slots_from_api_node(node["type"], api[str(node["id"])]["inputs"])
+        assert from_api == widget_slots_from_definition(info[node["type"]]), node["type"]
+
+
+def saved_controls(ui: dict, info: dict) -> dict[tuple[str, str], str]:
+    """(node id, widget) -> the "control after generate" the UI workflow saves for that widget."""
+    controls = {}
+    for node in ui["nodes"]:
+        slots = widget_slots_from_definition(info[node["type"]])
+        for index, (slot, value) in enumerate(zip(slots, node["widgets_values"])):
+            if slot is None and value in CONTROL_MODES:
+                controls[(str(node["id"]), slots[index - 1])] = value
+    return controls
+
+
+def executed_nodes(result: dict) -> set[str]:
+    """The nodes of a finished prompt that ran rather than came from ComfyUI's cache."""
+    cached = {node for kind, data in result["status"]["messages"] if kind == "execution_cached" for node in data["nodes"]}
+    return set(result["prompt"][2]) - cached
+
+
+def test_a_second_queue_reruns_only_the_sampler_side(server):
+    """Extract Face Features' seed is "fixed" after generate (the frontend would randomize an INT named seed), so
+    queueing the graph again with a new sampler seed leaves detection, CLIP and MFF in the cache."""
+    info = get(server["url"], "/object_info")
+    assert info["IDAdapterExtractFaceFeatures"]["input"]["required"]["seed"][1]["control_after_generate"] == "fixed"
+    controls = saved_controls(load_ui_workflow("idadapter_sd15"), info)
+    assert controls[("5", "seed")] == "fixed" and set(controls.values()) == {"fixed"}, controls
+    first = run_prompt(server, sd15_prompt(KSampler={"seed": 1}))
+    second = run_prompt(server, sd15_prompt(KSampler={"seed": 2}))
+    assert first["status"]["status_str"] == second["status"]["status_str"] == "success"
+    prompt = second["prompt"][2]
+    ran = {prompt[node_id]["class_type"] for node_id in executed_nodes(second)}
+    assert ran == {"KSampler", "VAEDecode", "SaveImage", "IDAdapterFaceSimilarity", "PreviewAny"}
+
+
+def test_every_node_has_a_help_page_the_server_serves(server, comfy_pack):
+    """The frontend fetches a custom node's help from /extensions/<custom_nodes folder>/docs/<node id>.md (after a
+    /<node id>/<locale>.md it does not find); the pack's WEB_DIRECTORY holds them."""
+    extension = asyncio.run(comfy_pack.comfy_entrypoint())
+    node_ids = {node.define_schema().node_id for node in asyncio.run(extension.get_node_list())}
+    assert node_ids == PACK_NODES
+    info = get(server["url"], "/object_info")
+    web = REPO_ROOT / comfy_pack.WEB_DIRECTORY
+    for node_id in sorted(node_ids):
+        module = info[node_id]["python_module"].split(".")
+        assert module[0] == "custom_nodes", info[node_id]["python_module"]
+        with urllib.request.urlopen(f"{server['url']}/extensions/{module[1]}/docs/{node_id}.md", timeout=30) as response:
+            assert "text/html" not in response.headers["Content-Type"]
+            assert response.read() == (web / "docs" / f"{node_id}.md").read_bytes()
+
+
 def test_full_graph_runs_and_saves_an_image(server):
     result = run_prompt(server, sd15_prompt())
     assert result.get("status", {}).get("status_str") == "success", result
     images = result["outputs"]["14"]["images"]
     assert (server["base"] / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
     assert result["outputs"]["15"]["images"]  # the aligned-face preview
+
+
+def test_two_people_graph_runs_and_saves_an_image(server):
+    """Two Apply IDAdapter chained on one MODEL, each with its half of the image as mask, and each identity prompt
+    masked to the same half (ConditioningSetMask + ConditioningCombine)."""
+    prompt = two_people_prompt()
+    applies = [node for node in prompt.values() if node["class_type"] == "IDAdapterApply"]
+    assert len(applies) == 2 and all("mask" in node["inputs"] for node in applies)
+    result = run_prompt(server, prompt)
+    assert result.get("status", {}).get("status_str") == "success", result
+    (saved,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
+    image = result["outputs"][saved]["images"][0]
+    assert (server["base"] / "output" / image["subfolder"] / image["filename"]).is_file()
 
 
 @pytest.mark.parametrize("overrides,expected", [

@@ -101,7 +101,7 @@ def test_largest_face_by_default_and_index_left_to_right(analyzer, caplog):
     assert largest.box.round().tolist() == [32, 160, 160, 288] and largest.faces_in_image == 3
     by_index = [detect_face(analyzer, image, 0, face_index=i, min_face_size=0).box[0] for i in range(3)]
     assert by_index == [48, 32, 224]  # centres x = 64, 96, 256
-    assert "only 3 face(s) found" in detect_face(analyzer, image, 0, face_index=3)
+    assert "the image holds only 3 face(s)" in detect_face(analyzer, image, 0, face_index=3)
     with caplog.at_level(logging.INFO):
         find_reference_faces(analyzer, [image])
     assert "image 1/1 has 3 faces; using the largest" in caplog.text
@@ -454,4 +454,4 @@ def test_the_no_face_message_gives_the_tips_for_the_reasons_found(analyzer):
     with pytest.raises(NoFaceError) as caught:
         find_reference_faces(analyzer, [faces_image()], face_index=5)
     message = str(caught.value)
-    assert "set face_index to -1" in message and "detection size" not in message
+    assert "set face to 'largest'" in message and "detection size" not in message

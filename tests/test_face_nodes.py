@@ -67,9 +67,10 @@ def load(host, name="tiny_pack", provider="CPU", det_size=256):
     return host["nodes"].LoadInsightFace.execute(name, provider, det_size).result[0]
 
 
-def extract(host, analyzer, image, num_refs=4, fill_mode="replicate", face_index=-1, min_face_size=64, seed=0):
+def extract(host, analyzer, image, num_refs=4, fill_mode="replicate", face="largest", face_index=0, min_face_size=64,
+            seed=0):
     return host["nodes"].ExtractFaceFeatures.execute(
-        analyzer, host["clip_vision"], image, num_refs, fill_mode, face_index, min_face_size, seed
+        analyzer, host["clip_vision"], image, num_refs, fill_mode, face_index, min_face_size, seed, face=face
     ).result
 
 
@@ -190,11 +191,22 @@ def test_photos_of_different_sizes_go_in_as_they_are(host):
     assert batched.source_indices == [0] and "no face found" in batched.skipped[1]
 
 
-def test_a_face_index_that_no_image_has_gets_the_face_index_tip(host):
+def test_a_face_index_that_no_image_has_names_the_image_and_its_faces(host):
     image = as_comfy_image(square_faces_image((256, 256), [(128, 128, 128)]))
-    with pytest.raises(host["face"].NoFaceError, match="only 1 face.*set face_index to -1") as error:
-        extract(host, load(host), image, face_index=3)
+    with pytest.raises(host["face"].NoFaceError,
+                       match=r"image: face_index 3 asked for .* holds only 1 face\(s\).*set face to 'largest'") as error:
+        extract(host, load(host), image, face="left to right", face_index=3)
     assert "detection size" not in str(error.value)
+
+
+def test_left_to_right_picks_one_person_of_a_group_photo(host):
+    faces = [(64, 48, 32), (96, 224, 128), (256, 64, 64)]  # (centre x, centre y, side): the middle one is largest
+    image = as_comfy_image(square_faces_image((320, 320), faces))
+    analyzer = load(host, det_size=320)
+    picked = [extract(host, analyzer, image, num_refs=1, min_face_size=0)[0]]
+    picked += [extract(host, analyzer, image, num_refs=1, face="left to right", face_index=i, min_face_size=0)[0]
+               for i in range(3)]
+    assert [float((f.boxes[0, 0] + f.boxes[0, 2]) / 2) for f in picked] == [96, 64, 96, 256]
 
 
 def test_a_pack_unzipped_without_the_models_level_is_offered(host, tmp_path, caplog):
@@ -315,7 +327,7 @@ def face_prompt(provider="CPU", seed=0) -> dict:
         "3": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
         "4": {"class_type": "IDAdapterExtractFaceFeatures", "inputs": {
             "face_analysis": ["1", 0], "clip_vision": ["2", 0], "image": ["3", 0], "num_refs": 4,
-            "fill_mode": "augment", "face_index": -1, "min_face_size": 64, "seed": seed}},
+            "fill_mode": "augment", "face": "largest", "face_index": 0, "min_face_size": 64, "seed": seed}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
     }
 

@@ -108,6 +108,24 @@ def test_group_photo_largest_face_and_left_to_right(analyzer):
     assert float((largest.box[2] - largest.box[0]) * (largest.box[3] - largest.box[1])) == max(areas)
 
 
+def test_group_photo_gives_one_person_by_position_and_names_a_missing_one(analyzer):
+    """Extract Face Features' `face = left to right` on t1.jpg: face_index 1 is the second person from the left;
+    face_index 6 is one more than the photo holds."""
+    from idadapter_core.face import NoFaceError, chosen_face_index
+
+    image = to_rgb_uint8(insightface_image("t1.jpg"))
+    second = detect_face(analyzer, image, 0, face_index=1)
+    features, _ = extract_face_features(analyzer, [image], patch_encoder, num_refs=1,
+                                        face_index=chosen_face_index("left to right", 1), image_names=["t1.jpg"])
+    assert torch.equal(features.boxes[0], torch.from_numpy(second.box))
+    largest, _ = extract_face_features(analyzer, [image], patch_encoder, num_refs=1,
+                                       face_index=chosen_face_index("largest", 1))
+    assert not torch.equal(largest.boxes[0], features.boxes[0])
+    with pytest.raises(NoFaceError, match=r"t1.jpg: face_index 6 asked for .* holds only 6 face\(s\)"):
+        extract_face_features(analyzer, [image], patch_encoder, num_refs=1,
+                              face_index=chosen_face_index("left to right", 6), image_names=["t1.jpg"])
+
+
 def test_close_crop_found_at_a_smaller_detection_size(analyzer):
     """insightface's Tom_Hanks_54745.png is already a 112x112 aligned face: the 640 detector misses it, the
     fallback sizes find it."""

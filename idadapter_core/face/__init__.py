@@ -22,7 +22,9 @@ from .alignment import (
     arcface_matrix, warp, wide_crop_matrix,
 )
 from .consistency import DEFAULT_SAME_PERSON_THRESHOLD, IdentityCheck, check_one_person
-from .detection import DetectedFace, ProgressFn, SkipReason, detect_face, find_reference_faces
+from .detection import (
+    FACE_CHOICES, DetectedFace, ProgressFn, SkipReason, chosen_face_index, detect_face, find_reference_faces,
+)
 from .features import ClipEncoder, FaceFeatures, arcface_embeddings, clip_features, extract_face_features
 from .images import as_image_list, load_image, to_rgb_uint8
 from .models import (
@@ -36,7 +38,8 @@ __all__ = [
     "CLIP_CROP_SCALE", "CLIP_CROP_SIZE", "FILL_MODES", "AlignedReference", "Augmentation", "align_reference",
     "align_references", "arcface_matrix", "warp", "wide_crop_matrix",
     "DEFAULT_SAME_PERSON_THRESHOLD", "IdentityCheck", "check_one_person",
-    "DetectedFace", "ProgressFn", "SkipReason", "detect_face", "find_reference_faces",
+    "FACE_CHOICES", "DetectedFace", "ProgressFn", "SkipReason", "chosen_face_index", "detect_face",
+    "find_reference_faces",
     "ClipEncoder", "FaceFeatures", "arcface_embeddings", "clip_features", "extract_face_features",
     "as_image_list", "load_image", "to_rgb_uint8",
     "FACE_MODEL_NAMES", "FALLBACK_DET_SIZES", "KNOWN_MODEL_FILES", "PROVIDERS", "FaceAnalyzer", "as_face_analyzer",

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import ImageFormatError, NoFaceError
+from ..errors import IDAdapterError, ImageFormatError, NoFaceError
 from .images import as_image_list, to_rgb_uint8
 from .models import FaceAnalyzer
 
@@ -30,6 +30,23 @@ class SkipReason(str):
         skip = super().__new__(cls, reason)
         skip.tip = tip
         return skip
+
+
+FACE_CHOICES = ("largest", "left to right")
+"""Which face of a photo holding several is used: the largest, or the `face_index`-th from the left (a group photo
+can give each person's references)."""
+
+
+def chosen_face_index(face: str, face_index: int) -> int | None:
+    """`detect_face`'s `face_index` for a `FACE_CHOICES` choice: None for the largest face, else `face_index`
+    (0 the leftmost face)."""
+    if face not in FACE_CHOICES:
+        raise IDAdapterError(f"unknown face choice '{face}'; use one of: {', '.join(FACE_CHOICES)}")
+    if face == FACE_CHOICES[0]:
+        return None
+    if face_index < 0:
+        raise IDAdapterError(f"face_index is {face_index}; faces are counted from 0 (the leftmost), left to right.")
+    return face_index
 
 
 DETECTION_SIZE_TIP = ("try another detection size in Load InsightFace (smaller for close-up crops, larger for small "
@@ -87,8 +104,9 @@ def detect_face(
         left_to_right = np.argsort((boxes[:, 0] + boxes[:, 2]) / 2, kind="stable")
         if face_index >= len(boxes):
             return SkipReason(
-                f"face {face_index} asked for, but only {len(boxes)} face(s) found (counted from 0, left to right)",
-                "set face_index to -1 to use the largest face of each image, or to a face every image has",
+                f"face_index {face_index} asked for (left to right, 0 the leftmost), but the image holds only "
+                f"{len(boxes)} face(s)",
+                "set face to 'largest', or face_index to a face that every image holds",
             )
         chosen = int(left_to_right[face_index])
     face = DetectedFace(
