@@ -1,7 +1,7 @@
 """Region masks on Apply IDAdapter and Apply Inv-Adapter inside a real ComfyUI (COMFYUI_PATH; skipped without it):
 a mask of ones is no mask, zeros the unpatched model, a half mask changes only its half of every transformer block's
-tokens, masks of any size are resized, unusable masks are refused, and two chained Apply IDAdapter each act in their
-own region."""
+tokens, masks of any size are resized, unusable masks are refused, and two chained Apply nodes (either method) each
+act in their own region."""
 from __future__ import annotations
 
 import importlib
@@ -199,3 +199,16 @@ def test_two_chained_apply_idadapter_each_act_in_their_own_region(host):
     for check in recorder.checks:
         assert check.inside == 0.0, check  # left: A alone
         assert check.outside > 1e-4, check  # right: B acts there
+
+
+def test_two_chained_apply_inv_adapter_with_complementary_masks_are_one_unmasked_apply(host):
+    """Two Apply Inv-Adapter on one MODEL, left and right half, each with the same reference: every token gets the
+    EAA exactly once, so the result is bit for bit one unmasked Apply's (both reference passes and both EAA chains
+    ran; a mask leaking, or one Apply shadowing the other, would break the equality)."""
+    left = left_half(64, 96)
+    both = apply(host, "inv_adapter", 1.0 - left, model=apply(host, "inv_adapter", left))
+    wrappers = both.wrappers[next(iter(both.wrappers))]
+    assert len(next(iter(wrappers.values()))) == 2
+    chained, single = sample(both, host["clip"]), sample(apply(host, "inv_adapter"), host["clip"])
+    assert torch.equal(chained, single)
+    assert not torch.equal(single, sample(host["model"], host["clip"]))
