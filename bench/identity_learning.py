@@ -1,4 +1,4 @@
-"""Does the trainer learn identity? The paper's Table 2 ablation (papers.md §1.11) in miniature, on CPU, and the same
+"""Does the trainer learn identity? The paper's Table 2 ablation (DESIGN.md §2.8) in miniature, on CPU, and the same
 check for Inv-Adapter and for IDAdapter's faster mode.
 
 Data (synthetic, written in the prepared-cache format of train/cache.py, so `fit`'s own data code reads it):
@@ -413,7 +413,7 @@ def train_step(session: Session, features: FrozenFeatures, step: int) -> dict[st
     return {name: float(value.detach()) for name, value in losses.items()}
 
 
-# ---- the ablations (papers.md §1.11, Table 2) ----------------------------------------------------------------------
+# ---- the ablations (DESIGN.md §2.8, Table 2) ----------------------------------------------------------------------
 
 class TriggerWordOwnEmbedding(TextConditioning):
     """Prompts keep ', <class> is <trigger>', but the trigger word keeps its own input embedding: no E_c."""

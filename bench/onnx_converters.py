@@ -58,7 +58,8 @@ for extra in (REPO_ROOT, REPO_ROOT / "tests"):
         sys.path.append(str(extra))
 
 from recognizer_archs import (  # noqa: E402
-    IRESNET50_STAGES, IRESNET100_STAGES, IResNet, MobileFaceNet, export_like_insightface, randomize,
+    IRESNET50_STAGES, IRESNET100_STAGES, IResNet, MobileFaceNet, as_input, export_like_insightface, get_feat_rgb,
+    random_crops, randomize, real_crops,
 )
 from train.arcface_torch import insightface_input_normalisation  # noqa: E402
 from train.onnx_to_torch import convert_onnx  # noqa: E402
@@ -109,33 +110,10 @@ if onnx2torch is not None:
 
 # -------------------------------------------------------------------------------------------------- the inputs
 
-def real_crops() -> np.ndarray:
-    """Aligned 112x112 RGB crops of the real photos, by the pack's own detector and alignment."""
-    from idadapter_core.face import align_reference, detect_face, load_face_analyzer, load_image
-
-    analyzer = load_face_analyzer(SHARED_ASSETS / "insightface", STANDIN, "CPU", det_size=640)
-    crops = []
-    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"):
-        image = load_image(SHARED_ASSETS / "faces" / name)
-        face = detect_face(analyzer, image, 0)
-        assert not isinstance(face, str), face
-        crops.append(align_reference(image, face, analyzer.arcface_size).arcface_crop)
-    return np.stack(crops)
-
-
-def random_crops(count: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (count, 112, 112, 3), dtype=np.uint8)
-
-
-def as_input(rgb_uint8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb_uint8).permute(0, 3, 1, 2).float() / 255.0
-
-
 def onnxruntime_embeddings(path: Path, crops: np.ndarray) -> np.ndarray:
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
-    recognizer = ArcFaceONNX(model_file=str(path))
-    return np.concatenate([recognizer.get_feat(np.ascontiguousarray(c[..., ::-1])) for c in crops])
+    return get_feat_rgb(ArcFaceONNX(model_file=str(path)), crops)
 
 
 # ------------------------------------------------------------------------------------------------ measurements
@@ -364,7 +342,7 @@ def main() -> None:
         standin = SHARED_ASSETS / "insightface" / "models" / STANDIN / "w_mbf128.onnx"
         if standin.is_file():
             recognizers.append(("real stand-in w_mbf128 (MobileFaceNet, 128-d), 4 real photos", standin,
-                                real_crops(), 4))
+                                real_crops(SHARED_ASSETS, STANDIN), 4))
         else:
             print(f"no real stand-in recognizer at {standin}: skipped")
         archs = {"random MobileFaceNet (512-d)": lambda: MobileFaceNet(),

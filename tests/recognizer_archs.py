@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -134,3 +135,37 @@ def export_like_insightface(model: nn.Module, path: Path) -> Path:
     torch.onnx.export(model.eval(), (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False, opset_version=17,
                       input_names=["input.1"], output_names=["output"])
     return path
+
+
+# -------------------------------------------------------------------------- inputs and insightface's reference
+
+REAL_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")
+
+
+def real_crops(assets: Path, face_model: str) -> np.ndarray:
+    """Aligned ArcFace crops (B, 112, 112, 3) uint8 RGB of the real photos in `assets/faces`, by the pack's own
+    detector and alignment with the insightface pack `face_model` under `assets/insightface`."""
+    from idadapter_core.face import align_reference, detect_face, load_face_analyzer, load_image
+
+    analyzer = load_face_analyzer(assets / "insightface", face_model, "CPU", det_size=640)
+    crops = []
+    for name in REAL_PHOTOS:
+        image = load_image(assets / "faces" / name)
+        face = detect_face(analyzer, image, 0)
+        assert not isinstance(face, str), face
+        crops.append(align_reference(image, face, analyzer.arcface_size).arcface_crop)
+    return np.stack(crops)
+
+
+def random_crops(count: int, seed: int = 0, size: int = 112) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def as_input(rgb_uint8: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) floats in [0, 1], what a decoded image gives."""
+    return torch.from_numpy(rgb_uint8).permute(0, 3, 1, 2).float() / 255.0
+
+
+def get_feat_rgb(recognizer, rgb_uint8: np.ndarray) -> np.ndarray:
+    """insightface's embeddings, one crop at a time as its pipeline runs them (get_feat takes BGR)."""
+    return np.concatenate([recognizer.get_feat(np.ascontiguousarray(crop[..., ::-1])) for crop in rgb_uint8])

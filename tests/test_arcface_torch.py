@@ -22,7 +22,8 @@ from conftest import shared_assets_or_skip
 from train.tiny_face_models import write_model_pack
 from idadapter_core.errors import IDAdapterError
 from recognizer_archs import (
-    IRESNET50_STAGES, IRESNET100_STAGES, IResNet, MobileFaceNet, export_like_insightface, randomize,
+    IRESNET50_STAGES, IRESNET100_STAGES, IResNet, MobileFaceNet, as_input, export_like_insightface, get_feat_rgb,
+    random_crops, randomize, real_crops,
 )
 from train.arcface_torch import ArcFaceTorch, insightface_input_normalisation
 from train.onnx_to_torch import OnnxConversionError, UnsupportedOnnxOpError, convert_onnx
@@ -38,16 +39,6 @@ def insightface_recognizer(path):
     return ArcFaceONNX(model_file=str(path))
 
 
-def as_input(rgb_uint8: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) floats in [0, 1], what a decoded image gives."""
-    return torch.from_numpy(rgb_uint8).permute(0, 3, 1, 2).float() / 255.0
-
-
-def get_feat_rgb(recognizer, rgb_uint8: np.ndarray) -> np.ndarray:
-    """insightface's embeddings, one crop at a time as its pipeline runs them (get_feat takes BGR)."""
-    return np.concatenate([recognizer.get_feat(np.ascontiguousarray(crop[..., ::-1])) for crop in rgb_uint8])
-
-
 def assert_same_embeddings(ours: torch.Tensor, reference: np.ndarray) -> None:
     ours = ours.detach().double().numpy()
     reference = reference.astype(np.float64)
@@ -58,24 +49,14 @@ def assert_same_embeddings(ours: torch.Tensor, reference: np.ndarray) -> None:
     assert cosine >= 1 - COSINE_TOLERANCE
 
 
-def random_crops(count: int, seed: int = 0, size: int = 112) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
-
-
 # ------------------------------------------------------------------------------------------------ real recognizer
 
 def test_standin_recognizer_matches_insightface_on_real_photos():
-    from idadapter_core.face import align_reference, detect_face, load_face_analyzer, load_image
+    from idadapter_core.face import load_face_analyzer
 
     assets = shared_assets_or_skip()
     analyzer = load_face_analyzer(assets / "insightface", STANDIN, "CPU", det_size=640)
-    crops = []
-    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"):
-        image = load_image(assets / "faces" / name)
-        face = detect_face(analyzer, image, 0)
-        assert not isinstance(face, str), face
-        crops.append(align_reference(image, face, analyzer.arcface_size).arcface_crop)
-    crops = np.stack(crops)
+    crops = real_crops(assets, STANDIN)
 
     recognizer = analyzer.recognizer
     arcface = ArcFaceTorch.from_onnx(recognizer.model_file)
