@@ -21,6 +21,21 @@ BLOCK_MODES = ("all", "skip highest resolution")
 UNet's highest-resolution level, which hold the most visual tokens and so most of the adapter's cost (our faster
 mode, not the paper's; README "Speed" gives its cost)."""
 
+NEGATIVE_IDENTITY_MODES = ("none (guided)", "same as positive")
+"""What the negative (unconditional) half of classifier-free guidance gets. `none (guided)`: the null identity, as
+identity dropout trains it (IDAdapter: E_r = 0, the trained K/V kept; Inv-Adapter: the EAA off), so the cfg scale
+pushes towards the reference as it pushes towards the prompt (IP-Adapter based packs give the negative half a null
+image embedding likewise). `same as positive`: both halves get the identity, so guidance amplifies only the prompt
+(and IDAdapter's identity token); the pack's behaviour before guidance over the identity existed."""
+
+
+def identity_in_negative(mode: str) -> bool:
+    """Whether the negative half of classifier-free guidance gets the identity, for a mode of
+    `NEGATIVE_IDENTITY_MODES`."""
+    if mode not in NEGATIVE_IDENTITY_MODES:
+        raise IDAdapterError(f"unknown identity_in_negative '{mode}'; use one of: {', '.join(NEGATIVE_IDENTITY_MODES)}")
+    return mode == NEGATIVE_IDENTITY_MODES[1]
+
 
 def require_finite(**values: float) -> None:
     """Refuse NaN and infinities (they reach nodes through the API and make black images without a word)."""
