@@ -32,7 +32,9 @@ from ..idadapter_core.errors import IncompatibleWeightsError
 from ..idadapter_core.idadapter import IdentityEmbeds, ReferenceKV, load_idadapter
 from ..idadapter_core.masks import GridMask, RegionMask
 from ..idadapter_core.presets import UNetLayout, check_layout, identify_layout
-from ..idadapter_core.schedule import BLOCK_MODES, AdapterStrength, StepWindow, adapter_blocks, check_schedule
+from ..idadapter_core.schedule import (
+    BLOCK_MODES, NEGATIVE_IDENTITY_MODES, AdapterStrength, StepWindow, adapter_blocks, check_schedule, identity_in_negative,
+)
 from ..idadapter_core.weights import file_fingerprint
 from .comfy_patches import attention_inputs, record_attention_inputs, set_attention_replace
 
@@ -152,6 +154,28 @@ def adapter_attention(device: torch.device):
     return optimized_attention
 
 
+NEGATIVE_CHUNK = 1
+"""ComfyUI's index of the negative conditioning in `cond_or_uncond` (CFG's guider lists [positive, negative])."""
+
+
+def negative_chunks(extra_options: dict) -> tuple[bool, ...]:
+    """Per chunk of the batch, whether it is a negative (unconditional) one. A sampler stacks the conds and unconds
+    it evaluates together as equal chunks and lists their indices in `cond_or_uncond`; outside a sampler (a direct
+    UNet call) there is none, and every row counts as positive."""
+    return tuple(kind == NEGATIVE_CHUNK for kind in extra_options.get("cond_or_uncond") or ())
+
+
+def positive_rows(extra_options: dict, batch: int, device: torch.device) -> torch.Tensor | None:
+    """The batch rows of the positive chunks (guidance over the identity gives only those the identity), or None
+    when every row is positive."""
+    negatives = negative_chunks(extra_options)
+    if not any(negatives):
+        return None
+    rows = batch // len(negatives)
+    kept = [torch.arange(i * rows, (i + 1) * rows) for i, negative in enumerate(negatives) if not negative]
+    return torch.cat(kept).to(device) if kept else torch.empty(0, dtype=torch.long, device=device)
+
+
 def block_mask(region: RegionMask, tokens: torch.Tensor, extra_options: dict) -> GridMask:
     """`region` at the token grid of the block whose (batch, tokens, channels) rows are `tokens`: the latent's shape
     (`original_shape`, set by ComfyUI's UNet) gives the grid, `cond_or_uncond` how many chunks the batch stacks."""
@@ -162,11 +186,13 @@ def block_mask(region: RegionMask, tokens: torch.Tensor, extra_options: dict) ->
 
 class IDAdapterPatch:
     """middle_patch: y + β·tanh(γ)·S([y, E_r]) (+ gated FF) in the chosen transformer blocks, inside the window;
-    with a region mask, y + mask·(what the adapter adds)."""
+    with a region mask, y + mask·(what the adapter adds). Unless `identity_in_negative`, the negative chunks of a
+    CFG batch attend to the null identity, E_r = 0, as identity dropout trains it (guidance over the identity)."""
 
     def __init__(
         self, adapter: LoadedAdapter, embeds: IdentityEmbeds, scale: float, window: StepWindow,
         first_block: tuple[int, ...], blocks: frozenset[int], region: RegionMask | None = None,
+        identity_in_negative: bool = False,
     ) -> None:
         self.adapter = adapter
         self.reference_tokens = embeds.reference_tokens
@@ -175,6 +201,7 @@ class IDAdapterPatch:
         self.first_block = first_block
         self.blocks = blocks
         self.region = region
+        self.identity_in_negative = identity_in_negative
         self._reference_kv: dict[tuple, dict[int, ReferenceKV]] = {}
 
     def __call__(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -190,16 +217,29 @@ class IDAdapterPatch:
             adapter_attention(x.device), attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
         )
         block = self.adapter.model.blocks[index]
-        residual = block.residual(x, self._references(x)[index], self.scale, attention)
+        residual = block.residual(x, self._chunk_references(x, index, extra_options), self.scale, attention)
         if mask is not None and not mask.is_full:
             residual.mul_(mask.values)  # exact: where the mask is 0, x + 0 is x
         return x + residual
 
-    def _references(self, x: torch.Tensor) -> dict[int, ReferenceKV]:
-        """E_r's K/V for each chosen block, computed once per device and dtype (E_r is constant during sampling)."""
-        key = (x.device, x.dtype)
+    def _chunk_references(self, x: torch.Tensor, index: int, extra_options: dict) -> ReferenceKV:
+        """The block's reference K/V for every row: the identity's, or per chunk the identity's for positive chunks
+        and the null identity's for negative ones."""
+        negatives = () if self.identity_in_negative else negative_chunks(extra_options)
+        identity = self._references(x, null=False)[index]
+        if not any(negatives):
+            return identity
+        null = self._references(x, null=True)[index]
+        return ReferenceKV.per_chunk([null if n else identity for n in negatives], x.shape[0] // len(negatives))
+
+    def _references(self, x: torch.Tensor, null: bool) -> dict[int, ReferenceKV]:
+        """E_r's (or, `null`, E_r = 0's) K/V for each chosen block, computed once per device and dtype (E_r is
+        constant during sampling)."""
+        key = (x.device, x.dtype, null)
         if key not in self._reference_kv:
             e_r = self.reference_tokens.to(x)
+            if null:
+                e_r = torch.zeros_like(e_r)
             with torch.no_grad():
                 self._reference_kv[key] = {i: self.adapter.model.blocks[i].reference_kv(e_r) for i in self.blocks}
         return self._reference_kv[key]
@@ -254,11 +294,14 @@ class CrossAttentionKVPatch:
 def apply_idadapter(
     model, adapter: LoadedAdapter, embeds: IdentityEmbeds, strength: AdapterStrength, start_at: float, end_at: float,
     blocks_mode: str = BLOCK_MODES[0], mask: torch.Tensor | None = None,
+    negative_identity: str = NEGATIVE_IDENTITY_MODES[0],
 ):
     """A clone of MODEL with the adapter (middle_patch) and the trained cross-attention K/V differences (attn2 replace
     patches, chained onto any already there), both at `strength`, only between start_at and end_at and, with a
-    `mask`, only where it is (its value scales them)."""
+    `mask`, only where it is (its value scales them). `negative_identity` (NEGATIVE_IDENTITY_MODES): whether CFG's
+    negative half attends to the identity or to the null identity."""
     embeds.check_made_by(adapter.fingerprint, adapter.name)
+    in_negative = identity_in_negative(negative_identity)
     check_schedule(start_at, end_at)
     region = None if mask is None else RegionMask(mask)
     unet = describe_unet(
@@ -274,7 +317,7 @@ def apply_idadapter(
     if strength.adapter_scale:
         blocks = adapter_blocks(unet.layout, blocks_mode)
         patched.set_model_patch(
-            IDAdapterPatch(adapter, embeds, strength.adapter_scale, window, unet.first_block, blocks, region),
+            IDAdapterPatch(adapter, embeds, strength.adapter_scale, window, unet.first_block, blocks, region, in_negative),
             "middle_patch",
         )
     if strength.kv_scale and len(adapter.model.cross_kv):

@@ -10,12 +10,12 @@ from comfy_api.latest import io, ui
 
 from ..idadapter_core.idadapter import format_identity_prompt, load_identity_embeds, save_identity_embeds
 from ..idadapter_core.errors import IDAdapterError
-from ..idadapter_core.schedule import BLOCK_MODES, AdapterStrength
+from ..idadapter_core.schedule import BLOCK_MODES, NEGATIVE_IDENTITY_MODES, AdapterStrength
 from .comfy_binding import (
     apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy, register_weights_folder,
     replace_trigger_tokens, trigger_token_id,
 )
-from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType
+from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType, identity_in_negative_input
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,18 @@ class ApplyIDAdapter(io.ComfyNode):
                             "in the blocks of the largest feature maps, about half of its cost (README, Speed); not "
                             "part of the paper, so check the likeness.",
                 ),
+                identity_in_negative_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, idadapter, id_embeds, weight: float, start_at: float, end_at: float, mask=None,
-                cross_attention_kv: str = KV_MODES[0], blocks: str = BLOCK_MODES[0]) -> io.NodeOutput:
+                cross_attention_kv: str = KV_MODES[0], blocks: str = BLOCK_MODES[0],
+                identity_in_negative: str = NEGATIVE_IDENTITY_MODES[0]) -> io.NodeOutput:
         strength = AdapterStrength(weight, kv_follows_weight=cross_attention_kv == KV_MODES[0])
-        return io.NodeOutput(apply_idadapter(model, idadapter, id_embeds, strength, start_at, end_at, blocks, mask))
+        return io.NodeOutput(apply_idadapter(model, idadapter, id_embeds, strength, start_at, end_at, blocks, mask,
+                                               identity_in_negative))
 
 
 class IdentityPrompt(io.ComfyNode):

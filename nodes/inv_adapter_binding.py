@@ -12,6 +12,7 @@ ComfyUI's; an APPLY_MODEL wrapper captures the null prompt's conditioning on the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ from ..idadapter_core.face import FaceAnalyzer, align_reference, detect_face, to
 from ..idadapter_core.inv_adapter import EAAReferenceKV, ReferenceTrajectory, ddim_invert, inversion_sigmas
 from ..idadapter_core.masks import RegionMask
 from ..idadapter_core.presets import check_layout
-from ..idadapter_core.schedule import StepWindow, check_schedule, require_finite
-from .comfy_binding import LoadedAdapter, block_mask, describe_unet, model_prediction
+from ..idadapter_core.schedule import (
+    NEGATIVE_IDENTITY_MODES, StepWindow, check_schedule, identity_in_negative, require_finite,
+)
+from .comfy_binding import LoadedAdapter, block_mask, describe_unet, model_prediction, negative_chunks, positive_rows
 from .comfy_patches import comfy_attention, set_attention_replace
 
 log = logging.getLogger(__name__)
@@ -109,12 +112,15 @@ class _Bank:
 
 
 class InvAdapterPatch:
-    """The state shared by the wrapper and the attention replaces of one Apply Inv-Adapter."""
+    """The state shared by the wrapper and the attention replaces of one Apply Inv-Adapter. Unless
+    `identity_in_negative`, the EAA acts only on the positive chunks of a CFG batch: the negative ones are exactly
+    the model without the reference (guidance over the identity)."""
 
     def __init__(self, adapter: LoadedAdapter, reference: ReferenceTrajectory, weight: float, window: StepWindow,
                  first_block: tuple[int, ...], reference_sigma: float | None, cache_features: bool,
-                 region: RegionMask | None = None) -> None:
+                 region: RegionMask | None = None, identity_in_negative: bool = False) -> None:
         self.adapter = adapter
+        self.identity_in_negative = identity_in_negative
         self.region = region
         self.reference = reference
         self.weight = weight
@@ -136,7 +142,8 @@ class InvAdapterPatch:
 
     def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         sigmas = transformer_options.get("sigmas", t)
-        if self.weight == 0 or not self.window.contains(sigmas):
+        only_negative = not self.identity_in_negative and all(negative_chunks(transformer_options) or (False,))
+        if self.weight == 0 or only_negative or not self.window.contains(sigmas):
             self.bank.references = None
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         features = self._reference_features(executor, x, float(sigmas.detach().max()), transformer_options)
@@ -203,15 +210,26 @@ class EAAAttention:
         mask = None if region is None else block_mask(region, q, extra_options)
         if mask is not None and mask.is_off:
             return inner(q, k, v, extra_options)
+        rows = None if self.patch.identity_in_negative else positive_rows(extra_options, q.shape[0], q.device)
+        if rows is not None and rows.numel() == 0:
+            return inner(q, k, v, extra_options)
         index = self.patch.block_index(extra_options)
         block = self.patch.adapter.model.blocks[index]
-        attend = block.cross_attention if self.cross else block.self_attention
-        return attend(
-            q, k, v, references[index], extra_options["n_heads"], self.patch.weight,
+        attend = functools.partial(
+            block.cross_attention if self.cross else block.self_attention,
+            ref=references[index], heads=extra_options["n_heads"], weight=self.patch.weight,
             attention=lambda q, k, v, heads: comfy_attention(q, k, v, extra_options),
-            own_attention=lambda q, k, v, heads: inner(q, k, v, extra_options),
-            mask=None if mask is None or mask.is_full else mask.values,
         )
+        mask_values = None if mask is None or mask.is_full else mask.values
+        if rows is None:
+            return attend(q, k, v, own_attention=lambda q, k, v, heads: inner(q, k, v, extra_options), mask=mask_values)
+        # Guidance over the identity: the negative rows keep the block's own output, the EAA runs on the others only.
+        own = inner(q, k, v, extra_options)
+        pick = functools.partial(torch.index_select, dim=0, index=rows)
+        if mask_values is not None and mask_values.shape[0] > 1:
+            mask_values = pick(mask_values)
+        added = attend(pick(q), pick(k), pick(v), own_attention=lambda *_: pick(own), mask=mask_values)
+        return own.index_copy(0, rows, added)
 
     def to(self, device_or_dtype):
         self.patch.to(device_or_dtype)
@@ -223,9 +241,10 @@ class EAAAttention:
 
 def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTrajectory, weight: float, start_at: float,
                       end_at: float, reference_timestep: int = -1, cache_features: bool = True,
-                      mask: torch.Tensor | None = None):
-    """A clone of MODEL running the reference pass and the EAA (confined to `mask` when given, scaled by its value);
-    the input MODEL is untouched."""
+                      mask: torch.Tensor | None = None, negative_identity: str = NEGATIVE_IDENTITY_MODES[0]):
+    """A clone of MODEL running the reference pass and the EAA (confined to `mask` when given, scaled by its value;
+    on CFG's negative half too only with `negative_identity` = "same as positive"); the input MODEL is untouched."""
+    in_negative = identity_in_negative(negative_identity)
     region = None if mask is None else RegionMask(mask)
     unet = model.get_model_object("diffusion_model")
     blocks = describe_unet(unet, type(model.model.model_config).__name__, model_prediction(model))
@@ -242,7 +261,7 @@ def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTraject
     reference_sigma = None if reference_timestep < 0 else float(model_sampling.sigmas[min(reference_timestep, len(model_sampling.sigmas) - 1)])
     window = StepWindow(float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
     patch = InvAdapterPatch(adapter, reference, weight, window, blocks.first_block, reference_sigma, cache_features,
-                            region)
+                            region, in_negative)
     patched = model.clone()
     if region is not None and region.covers_nothing:
         log.info("Inv-Adapter: the mask is 0 everywhere, the model is left as it is (no reference pass)")

@@ -9,9 +9,10 @@ from comfy_api.latest import io
 
 from ..idadapter_core.face import as_face_analyzer
 from ..idadapter_core.inv_adapter import load_inv_adapter
+from ..idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
 from .comfy_binding import load_adapter_for_comfy, register_weights_folder
 from .inv_adapter_binding import apply_inv_adapter, crop_reference_face, invert_reference
-from .pack_types import CATEGORY, InvAdapterType, InvReferenceType
+from .pack_types import CATEGORY, InvAdapterType, InvReferenceType, identity_in_negative_input
 
 MODEL_FOLDER = "inv_adapter"
 
@@ -106,15 +107,17 @@ class ApplyInvAdapter(io.ComfyNode):
                 io.Boolean.Input("cache_features", default=True, advanced=True,
                                  tooltip="Keep each step's reference features, so the next generation skips the reference "
                                          "pass (about 46 MB per step for SD1.5 at 512x512 in fp32)."),
+                identity_in_negative_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, inv_adapter, reference, weight: float, start_at: float, end_at: float, mask=None,
-                reference_timestep: int = -1, cache_features: bool = True) -> io.NodeOutput:
+                reference_timestep: int = -1, cache_features: bool = True,
+                identity_in_negative: str = NEGATIVE_IDENTITY_MODES[0]) -> io.NodeOutput:
         return io.NodeOutput(apply_inv_adapter(model, inv_adapter, reference, weight, start_at, end_at,
-                                               reference_timestep, cache_features, mask))
+                                               reference_timestep, cache_features, mask, identity_in_negative))
 
 
 INV_ADAPTER_NODES = [LoadInvAdapter, InvertReference, ApplyInvAdapter]

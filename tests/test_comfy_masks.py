@@ -1,11 +1,12 @@
-"""Region masks on Apply IDAdapter and Apply Inv-Adapter inside a real ComfyUI (COMFYUI_PATH; skipped without it):
-a mask of ones is no mask, zeros the unpatched model, a half mask changes only its half of every transformer block's
-tokens, masks of any size are resized, unusable masks are refused, and two chained Apply nodes (either method) each
-act in their own region."""
+"""Where and on which half of guidance Apply IDAdapter and Apply Inv-Adapter act, inside a real ComfyUI (COMFYUI_PATH;
+skipped without it). Region masks: a mask of ones is no mask, zeros the unpatched model, a half mask changes only its
+half of every transformer block's tokens, masks of any size are resized, unusable masks are refused, and two chained
+Apply nodes (either method) each act in their own region. Guidance over the identity: CFG's negative chunks get
+exactly the null identity, the positive ones exactly what they get without it."""
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -42,23 +43,24 @@ def host(comfy_pack, tmp_path_factory):
                 inv_adapter=inv_adapter, reference=reference)
 
 
-def apply(host, method: str, mask=None, model=None, embeds_index: int = 0):
+def apply(host, method: str, mask=None, model=None, embeds=None, **options):
     model = model or host["model"]
     if method == "idadapter":
         node = host["id_nodes"].ApplyIDAdapter
-        return node.execute(model, host["adapter"], host["embeds"][embeds_index], 1.0, 0.0, 1.0, mask=mask).result[0]
+        embeds = embeds or host["embeds"][0]
+        return node.execute(model, host["adapter"], embeds, 1.0, 0.0, 1.0, mask=mask, **options).result[0]
     node = host["inv_nodes"].ApplyInvAdapter
-    return node.execute(model, host["inv_adapter"], host["reference"], 1.0, 0.0, 1.0, mask=mask).result[0]
+    return node.execute(model, host["inv_adapter"], host["reference"], 1.0, 0.0, 1.0, mask=mask, **options).result[0]
 
 
-def sample(model, clip, steps: int = 2):
+def sample(model, clip, steps: int = 2, cfg: float = 7.0):
     import comfy.sample
 
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a man"))
     uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = torch.zeros(1, 4, *LATENT_HW)
     noise = comfy.sample.prepare_noise(latent, 0)
-    return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", cond, uncond, latent, seed=0,
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond, uncond, latent, seed=0,
                                disable_pbar=True)
 
 
@@ -177,8 +179,8 @@ def test_two_chained_apply_idadapter_each_act_in_their_own_region(host):
     chain; per block, the left tokens are exactly what A alone (left-masked) makes of the block's input, while
     the right half is B's (it differs from A alone there)."""
     left = left_half(64, 96)
-    person_a = apply(host, "idadapter", left, embeds_index=0)
-    both = apply(host, "idadapter", 1.0 - left, model=person_a, embeds_index=1)
+    person_a = apply(host, "idadapter", left, embeds=host["embeds"][0])
+    both = apply(host, "idadapter", 1.0 - left, model=person_a, embeds=host["embeds"][1])
     options = both.model_options["transformer_options"]
     assert len(options["patches"]["middle_patch"]) == 2
     chained = next(iter(options["patches_replace"]["attn2"].values()))
@@ -212,3 +214,61 @@ def test_two_chained_apply_inv_adapter_with_complementary_masks_are_one_unmasked
     chained, single = sample(both, host["clip"]), sample(apply(host, "inv_adapter"), host["clip"])
     assert torch.equal(chained, single)
     assert not torch.equal(single, sample(host["model"], host["clip"]))
+
+
+NEGATIVE_IDENTITY = dict(guided="none (guided)", same="same as positive")
+
+
+def null_identity_model(host, method: str, mask=None):
+    """What the weights were trained to see without an identity: IDAdapter with E_r = 0 (identity dropout; the trained
+    K/V stay, confined to the mask), Inv-Adapter's model without the EAA."""
+    if method == "inv_adapter":
+        return host["model"]
+    embeds = host["embeds"][0]
+    null = replace(embeds, reference_tokens=torch.zeros_like(embeds.reference_tokens))
+    return apply(host, method, mask, embeds=null, identity_in_negative=NEGATIVE_IDENTITY["same"])
+
+
+def cfg_batch_output(model, cond_or_uncond: list[int], sigma: float = 5.0) -> torch.Tensor:
+    """One UNet call on a batch of one chunk per entry of `cond_or_uncond` (0 positive, 1 negative: the same latent
+    in every chunk, a context per kind), with the transformer options a sampler passes; the chunks stacked."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    g = torch.Generator().manual_seed(3)
+    latent = torch.randn(1, 4, *LATENT_HW, generator=g)
+    contexts = torch.randn(2, 77, 768, generator=g)
+    x = latent.repeat(len(cond_or_uncond), 1, 1, 1)
+    context = contexts[cond_or_uncond]
+    sigmas = torch.full((len(cond_or_uncond),), sigma)
+    options = {**model.model_options["transformer_options"], "sigmas": sigmas, "cond_or_uncond": list(cond_or_uncond),
+               "wrappers": model.wrappers}  # as a sampler passes them (Inv-Adapter's reference pass is one)
+    with torch.no_grad():
+        return model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("chunks", [[0, 1], [1, 0], [1], [0, 0, 1]])
+@pytest.mark.parametrize("masked", [False, True])
+def test_guidance_over_the_identity_gives_the_negative_chunks_the_null_identity_exactly(host, method, chunks, masked):
+    mask = left_half(*LATENT_HW) if masked else None
+    guided = cfg_batch_output(apply(host, method, mask), chunks)
+    same = cfg_batch_output(apply(host, method, mask, identity_in_negative=NEGATIVE_IDENTITY["same"]), chunks)
+    null = cfg_batch_output(null_identity_model(host, method, mask), chunks)
+    for chunk, kind in enumerate(chunks):
+        assert torch.equal(guided[chunk], (null if kind else same)[chunk]), (chunk, kind)
+    negative = chunks.index(1)
+    assert (same[negative] - null[negative]).abs().max() > 1e-4  # the identity did act on the negative chunk before
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_guided_and_same_identity_differ_under_cfg_and_agree_at_cfg_1(host, method):
+    """At cfg 1 ComfyUI skips the negative half, so the option cannot matter; at cfg 7 it does."""
+    guided, same = apply(host, method), apply(host, method, identity_in_negative=NEGATIVE_IDENTITY["same"])
+    assert torch.equal(sample(guided, host["clip"], cfg=1.0), sample(same, host["clip"], cfg=1.0))
+    assert (sample(guided, host["clip"]) - sample(same, host["clip"])).abs().max() > 1e-4
+
+
+def test_unknown_negative_identity_mode_is_refused_naming_the_choices(host):
+    with pytest.raises(Exception, match="none \\(guided\\), same as positive"):
+        apply(host, "idadapter", identity_in_negative="both")

@@ -45,6 +45,13 @@ class ReferenceKV:
         repeats = batch // ref_batch
         return ReferenceKV(self.key.repeat(repeats, 1, 1), self.value.repeat(repeats, 1, 1))
 
+    @staticmethod
+    def per_chunk(chunks: "list[ReferenceKV]", rows_per_chunk: int) -> "ReferenceKV":
+        """One ReferenceKV for a batch stacking equal chunks, each chunk's rows with its own references (guidance
+        over the identity: the positive chunks the identity's, the negative ones the null identity's)."""
+        tiled = [chunk.for_batch(rows_per_chunk) for chunk in chunks]
+        return ReferenceKV(torch.cat([t.key for t in tiled]), torch.cat([t.value for t in tiled]))
+
 
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, operations: Operations = nn, device=None, dtype=None) -> None:
