@@ -22,6 +22,7 @@ the batch it was generated in.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser
 from idadapter_core.inv_adapter import InvAdapter, ddim_invert, inversion_sigmas
 from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES, identity_in_negative
 
+from .data import load_target_image
 from .models import BaseModel
 
 REFERENCE_FEATURES = ("noised", "inversion", "fixed")
@@ -147,6 +149,14 @@ def encode_reference(base: BaseModel, pixels: torch.Tensor) -> torch.Tensor:
     return unet_latent(mean.float(), vae.config)
 
 
+def inv_adapter_reference(base: BaseModel, image: str | Path, resolution: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Inv-Adapter's reference from an image file, prepared as fit prepares its images (shorter side resized to
+    `resolution`, centre-cropped): the (R, R, 3) uint8 image a grid shows, and its latent (`encode_reference`)."""
+    pixels, _ = load_target_image(image, resolution)
+    shown = ((pixels + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    return shown, encode_reference(base, pixels)
+
+
 def _reference_inputs(base: BaseModel, reference: torch.Tensor, mode: str,
                       inversion_steps: int, reference_timestep: int, reference_seed: int,
                       null_context: torch.Tensor, added: dict | None) -> Callable[[int], tuple[torch.Tensor, int]]:
@@ -155,6 +165,8 @@ def _reference_inputs(base: BaseModel, reference: torch.Tensor, mode: str,
         raise ValueError(f"reference_features must be one of {', '.join(REFERENCE_FEATURES)}, got '{mode}'")
     scheduler = base.noise_scheduler
     alphas = scheduler.alphas_cumprod.detach().double().cpu()
+    if mode == "fixed" and not 0 <= reference_timestep < len(alphas):
+        raise ValueError(f"reference_timestep must be in [0, {len(alphas) - 1}], got {reference_timestep}")
     if mode in ("noised", "fixed"):
         noise = torch.randn(reference.shape, generator=torch.Generator().manual_seed(reference_seed)).to(reference)
 
