@@ -148,3 +148,36 @@ def test_weight_scales_the_trained_kv_too_unless_in_the_papers_form(tiny_unet):
         assert (full - bare).abs().max() > 1e-3
         binding.weight, binding.kv_follows_weight = 0.0, False
         assert torch.equal(run(tiny_unet, *inputs), full)
+
+
+def test_inv_adapter_rows_without_the_eaa_are_the_plain_unet_exactly(tiny_unet):
+    """`set_reference(features, rows)`: the unselected rows equal the unpatched UNet bit for bit, the selected ones
+    what the EAA gives every row (as classifier-free guidance over the identity uses it: EAA off in the negative
+    half)."""
+    from idadapter_core.hosts import DiffusersInvAdapter
+    from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig
+
+    latents, t, context = unet_inputs(batch=4)
+    bare = run(tiny_unet, latents, t, context)
+    torch.manual_seed(0)
+    adapter = InvAdapter(InvAdapterConfig(layout_from_diffusers_unet(tiny_unet)))
+    with torch.no_grad():
+        for block in adapter.blocks:
+            block.self_gate.fill_(0.8)
+            block.cross_v.weight.normal_(std=0.3)
+    with DiffusersInvAdapter(tiny_unet, adapter) as binding:
+        features = binding.record_reference(latents[:1], t[:1], context[:1])
+        binding.set_reference(features)
+        everywhere = run(tiny_unet, latents, t, context)
+        binding.set_reference(features, rows=torch.tensor([False, True, False, True]))
+        some = run(tiny_unet, latents, t, context)
+        binding.set_reference(features, rows=torch.zeros(4, dtype=torch.bool))
+        assert torch.equal(run(tiny_unet, latents, t, context), bare)
+        binding.set_reference(features, rows=torch.ones(2, dtype=torch.bool))
+        with pytest.raises(ValueError, match="row mask has 2 rows, the batch 4"):
+            run(tiny_unet, latents, t, context)
+        binding.set_reference(None)
+        assert binding.rows is None
+    assert (everywhere - bare).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    assert torch.equal(some[0::2], bare[0::2])
+    torch.testing.assert_close(some[1::2], everywhere[1::2], rtol=0, atol=1e-6)  # (the EAA rows run as a sub-batch)

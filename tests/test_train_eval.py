@@ -175,3 +175,60 @@ def test_references_and_prompts(trained, tmp_path):
     assert leave_one_out_similarity([np.array([1.0, 0.0])]) is None
     assert leave_one_out_similarity([np.array([1.0, 0.0]), np.array([0.0, 1.0])]) == 0.0
 
+
+
+@pytest.fixture(scope="module")
+def trained_inv_adapter(trained) -> Path:
+    """Inv-Adapter trained 2 steps on the same cache and base (a high learning rate, so the EAA acts), exported."""
+    root = trained["root"]
+    config = resolve_config(None, dict(
+        method="inv-adapter", cache=str(root / "cache"), output_dir=str(root / "inv-run"), pretrained=str(trained["sd15"]),
+        face_id_weight=0.0, identity_dropout=0.0, batch_size=2, max_steps=2, checkpoint_every=2, resolution=RESOLUTION,
+        lr=5e-2, log_with="none",
+    ))
+    forget_accelerate_state()
+    train(config)
+    return export_checkpoint(root / "inv-run", root / "inv_adapter.safetensors", dtype="fp16")
+
+
+def inv_eval_command(trained, weights: Path, out: Path, *extra: str) -> list[str]:
+    command = eval_command(trained, out, "--face-model", FACE_PACK, *extra)
+    command[1] = str(weights)
+    at = command.index("--clip-vision")
+    return command[:at] + command[at + 2:]
+
+
+def test_eval_scores_inv_adapter_weights(trained, trained_inv_adapter, tmp_path):
+    """The same table, summary and grid for Inv-Adapter weights: the identity's first photo with a face is the
+    reference (one grid tile), each prompt generated with guidance over the identity; weight 0 is the base model."""
+    out = tmp_path / "inv"
+    assert main(inv_eval_command(trained, trained_inv_adapter, out)) == 0
+    rows = read_table(out)
+    assert [(r["identity"], r["prompt"], r["seed"], r["similarity"]) for r in rows] == [
+        ("alice", p, "0", "no face") for p in PROMPTS]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["method"] == "Inv-Adapter" and summary["identities"]["alice"]["references_used"] == 1
+    assert summary["settings"]["identity_in_negative"] == "none (guided)"
+    assert summary["settings"]["reference_features"] == "noised" and "class_word" not in summary["settings"]
+    assert "| alice | a portrait photo | 0 | no face |" in (out / "similarity.md").read_text(encoding="utf-8")
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (RESOLUTION, (1 + len(PROMPTS)) * RESOLUTION, 3)
+    first_photo = sorted((trained["identities"] / "alice").glob("*.png"))[0]
+    assert np.array_equal(grid[:, :RESOLUTION], np.asarray(Image.open(first_photo).convert("RGB").resize(
+        (RESOLUTION, RESOLUTION), Image.BICUBIC)))  # (a square photo: resized, nothing cropped)
+    images = [np.asarray(Image.open(out / r["image"])) for r in rows]
+    outputs = {}
+    for name, extra in {"base": ("--weight", "0"), "same": ("--identity-in-negative", "same as positive"),
+                        "inversion": ("--reference-features", "inversion", "--inversion-steps", "2")}.items():
+        assert main(inv_eval_command(trained, trained_inv_adapter, tmp_path / name, *extra)) == 0
+        outputs[name] = np.asarray(Image.open(tmp_path / name / read_table(tmp_path / name)[0]["image"]))
+    assert all(not np.array_equal(image, images[0]) for image in outputs.values())
+
+
+def test_eval_names_what_each_method_needs(trained, trained_inv_adapter, tmp_path):
+    with pytest.raises(EvalError, match="Inv-Adapter weights, which name no face model; pass --face-model"):
+        load_eval_models(trained_inv_adapter, None, trained["insightface"], pretrained=str(trained["sd15"]))
+    with pytest.raises(EvalError, match="IDAdapter weights, which need the CLIP vision model .*--clip-vision"):
+        load_eval_models(trained["weights"], None, trained["insightface"], pretrained=str(trained["sd15"]))
+    assert main(inv_eval_command(trained, trained_inv_adapter, tmp_path, "--reference-timestep", "-1",
+                                 "--reference-features", "fixed")) == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from idadapter_core.errors import IDAdapterError
+from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
 
 from idadapter_core.weights import atomic_write
 
@@ -116,6 +117,10 @@ class FitConfig:
     sample_identity: str | None = _option(None, "identity shown in the sample grid (default: the cache's first)")
     sample_steps: int = _option(20, "sampling steps (DDIM) of the sample grid")
     sample_guidance: float = _option(5.0, "classifier-free guidance scale of the sample grid")
+    identity_in_negative: str = _option(
+        NEGATIVE_IDENTITY_MODES[0], "what the negative half of the sample grid's classifier-free guidance gets: the "
+        "null identity (IDAdapter: E_r = 0, as identity dropout trains it; Inv-Adapter: the EAA off), so the guidance "
+        "scale scales the identity too, or the identity as the positive half", NEGATIVE_IDENTITY_MODES)
 
     def validate(self) -> None:
         """Raise ConfigError for missing or contradictory settings."""
@@ -134,9 +139,6 @@ class FitConfig:
         if self.face_id_weight > 0 and not self.insightface_root:
             raise ConfigError("the face-ID loss (face_id_weight > 0) needs --insightface-root; pass --face-id-weight 0 "
                               "to train without it")
-        if self.method == "inv-adapter" and self.sample_every:
-            raise ConfigError("sample grids (sample_every) are made for IDAdapter only; generate with the trained "
-                              "Inv-Adapter in ComfyUI, or pass --sample-every 0")
         if not 0 <= self.identity_dropout < 1:
             raise ConfigError(f"identity_dropout must be in [0, 1), got {self.identity_dropout}")
         if not self.lr > 0:

@@ -38,7 +38,9 @@ from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from .inv_adapter_step import InvAdapterBatch, InvAdapterTrainingStep, eaa_gate_values
 from .config import RESOLVED_CONFIG_FILE, ConfigError, FitConfig, add_config_arguments, config_from_args, save_config
 from .data import FrozenFeatures, ReferenceKey, Sample, SamplePlan
-from .generate import SamplingSettings, generate_identity_images, image_grid
+from .generate import (
+    SamplingSettings, generate_identity_images, generate_inv_adapter_images, image_grid, inv_adapter_reference,
+)
 from .models import (
     BaseModel, ClipVision, TextConditioning, build_face_id_loss, idadapter_config, load_base_model, load_clip_vision,
 )
@@ -206,25 +208,36 @@ def gate_values(adapter: IDAdapter) -> dict[str, float]:
 
 
 def sample_grid(
-    step_module: IDAdapterTrainingStep, features: FrozenFeatures, references: tuple[ReferenceKey, ...],
-    class_word: str, config: FitConfig, accelerator,
+    step_module: IDAdapterTrainingStep | InvAdapterTrainingStep, features: FrozenFeatures,
+    references: tuple[ReferenceKey, ...], class_word: str, config: FitConfig, accelerator,
 ) -> np.ndarray:
-    """(H, W, 3) uint8: the N reference crops, then one generation per sample prompt (train/generate.py: the diffusers
-    pipeline with the adapter attached and the identity token spliced; DDIM, `sample_steps` steps, seed `seed`)."""
-    adapter = step_module.adapter
+    """(H, W, 3) uint8: the references, then one generation per sample prompt (train/generate.py: the diffusers
+    pipeline with the binding attached; DDIM, `sample_steps` steps, seed `seed`, guidance over the identity as
+    `identity_in_negative` says). IDAdapter: the N reference crops, the identity token spliced; Inv-Adapter: the
+    identity's first image (`references[0]`) as the reference, taken at each step as it trains (`reference_features`)."""
+    adapter, base, binding = step_module.adapter, step_module.frozen.base, step_module.frozen.binding
     prompts = list(config.sample_prompts)
-    feats = {k: v.to(accelerator.device) for k, v in features.references([references]).items()}
-    settings = SamplingSettings(config.resolution, config.sample_steps, config.sample_guidance)
+    seeds = [config.seed] * len(prompts)
+    settings = SamplingSettings(config.resolution, config.sample_steps, config.sample_guidance,
+                                identity_in_negative=config.identity_in_negative)
     was_training = adapter.training
     adapter.eval()
     try:
         with accelerator.autocast():
-            images = generate_identity_images(step_module.frozen.base, adapter, step_module.frozen.binding, feats,
-                                              prompts, class_word, [config.seed] * len(prompts), settings)
+            if isinstance(adapter, InvAdapter):
+                image, latent = inv_adapter_reference(base, features.cache.records[references[0].row].image,
+                                                      config.resolution)
+                shown = [image]
+                images = generate_inv_adapter_images(base, adapter, binding, latent.to(accelerator.device), prompts,
+                                                     seeds, settings, config.reference_features, config.inversion_steps,
+                                                     reference_seed=config.seed)
+            else:
+                shown = [features.clip_crop(ref).numpy() for ref in references]
+                feats = {k: v.to(accelerator.device) for k, v in features.references([references]).items()}
+                images = generate_identity_images(base, adapter, binding, feats, prompts, class_word, seeds, settings)
     finally:
         adapter.train(was_training)
-    crops = [features.clip_crop(ref).numpy() for ref in references]
-    return image_grid([[*crops, *images]], config.resolution)
+    return image_grid([[*shown, *images]], config.resolution)
 
 
 @contextmanager

@@ -4,7 +4,10 @@ Each transformer block's `attn1` and `attn2` get an attention processor (diffuse
 `IPAdapterAttnProcessor2_0`) that passes through to the original processor unless the binding is recording or
 injecting. `record_reference(...)` runs the UNet on a reference latent and keeps every block's self-attention input
 norm1(h) (the processor sees it as `hidden_states`); `set_reference(features)` projects them once through the EAA;
-UNet calls after that run the EAA. `detach()` restores the original processors. Duck-typed: no diffusers import.
+UNet calls after that run the EAA, in every row of the batch or, with `set_reference(features, rows=mask)`, only in
+the rows the mask selects (e.g. the positive half of classifier-free guidance): the other rows go through the original
+processors on the whole batch, so they are exactly the unpatched UNet's. `detach()` restores the original processors.
+Duck-typed: no diffusers import.
 """
 from __future__ import annotations
 
@@ -35,6 +38,20 @@ class _EAAProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if attention_mask is not None or attn.group_norm is not None or attn.spatial_norm is not None:
             raise IncompatibleWeightsError("Inv-Adapter supports plain SD transformer blocks (no attention masks or group norms)")
+        rows = binding.rows
+        if rows is None:
+            return self._with_eaa(attn, hidden_states, encoder_hidden_states)
+        if len(rows) != len(hidden_states):
+            raise ValueError(f"the EAA's row mask has {len(rows)} rows, the batch {len(hidden_states)}")
+        plain = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        selected = rows.to(hidden_states.device).nonzero().squeeze(1)
+        if len(selected) == 0:
+            return plain
+        context = None if encoder_hidden_states is None else encoder_hidden_states[selected]
+        return plain.index_copy(0, selected, self._with_eaa(attn, hidden_states[selected], context).to(plain.dtype))
+
+    def _with_eaa(self, attn, hidden_states, encoder_hidden_states):
+        binding = self.binding
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         block = binding.adapter.blocks[self.index]
@@ -58,6 +75,8 @@ class DiffusersInvAdapter:
         """Reference features carry no gradient (the UNet is frozen; training only the EAA)."""
         self.recording: dict[int, torch.Tensor] | None = None
         self.references: list[EAAReferenceKV] | None = None
+        self.rows: torch.Tensor | None = None
+        """(B,) bool: the batch rows that get the EAA (None: every row)."""
         self._blocks = transformer_blocks_in_forward_order(unet)
         check_layout(adapter.config.layout, layout_from_diffusers_unet(unet), "this Inv-Adapter", method="Inv-Adapter")
         self._originals: list[tuple] = []
@@ -79,6 +98,7 @@ class DiffusersInvAdapter:
         self._originals.clear()
         self.recording = None
         self.references = None
+        self.rows = None
 
     def record_reference(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **unet_kwargs) -> list[torch.Tensor]:
         """Run the UNet on the reference (its input at `timestep`, already scaled as the UNet takes it) and return
@@ -91,8 +111,11 @@ class DiffusersInvAdapter:
         finally:
             self.recording = None
 
-    def set_reference(self, features: list[torch.Tensor] | None) -> None:
+    def set_reference(self, features: list[torch.Tensor] | None, rows: torch.Tensor | None = None) -> None:
+        """The reference features of the following UNet calls (None: the EAA off), for every row of their batch or,
+        with `rows` ((B,) bool), only for the rows it selects."""
         self.references = None if features is None else self.adapter.blocks.reference_kv(features)
+        self.rows = None if features is None or rows is None else rows.bool()
 
     def __enter__(self) -> "DiffusersInvAdapter":
         return self
