@@ -8,8 +8,8 @@ timestep comes from is a choice (`reference_features`, our inference, DESIGN.md 
   the cheap stand-in for an inversion trajectory (both are latents at the same noise level);
 - "inversion": the point of its DDIM inversion (null prompt, `inversion_steps` steps) nearest to the timestep, as at
   inference; each reference is inverted once per run and kept.
-Inv-Adapter needs no identity dropout: at inference both CFG branches get the EAA, so there is no "without identity"
-input to learn. A face-ID loss is not part of this method (the paper's losses are unknown; ours: diffusion only).
+Inv-Adapter needs no identity dropout: its "without identity" input is the frozen model with the EAA off, which is
+exact by construction (guidance over the identity runs the negative CFG half so), so there is nothing to learn for it. A face-ID loss is not part of this method (the paper's losses are unknown; ours: diffusion only).
 """
 from __future__ import annotations
 
