@@ -11,7 +11,7 @@ from ..idadapter_core.face import as_face_analyzer
 from ..idadapter_core.inv_adapter import load_inv_adapter
 from .comfy_binding import load_adapter_for_comfy, register_weights_folder
 from .inv_adapter_binding import apply_inv_adapter, crop_reference_face, invert_reference
-from .pack_types import CATEGORY, InvAdapterType, InvReferenceType
+from .pack_types import CATEGORY, InvAdapterType, InvReferenceType, PackNode
 
 MODEL_FOLDER = "inv_adapter"
 
@@ -19,7 +19,7 @@ MODEL_FOLDER = "inv_adapter"
 register_weights_folder(MODEL_FOLDER)
 
 
-class LoadInvAdapter(io.ComfyNode):
+class LoadInvAdapter(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -40,7 +40,7 @@ class LoadInvAdapter(io.ComfyNode):
         return io.NodeOutput(load_adapter_for_comfy(path, adapter_name, load_inv_adapter))
 
 
-class InvertReference(io.ComfyNode):
+class InvertReference(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -77,7 +77,7 @@ class InvertReference(io.ComfyNode):
         return io.NodeOutput(reference)
 
 
-class ApplyInvAdapter(io.ComfyNode):
+class ApplyInvAdapter(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -146,7 +146,7 @@ def test_bad_inputs_are_refused_with_clear_messages(host):
         apply(host, load(host, "wrong-base.safetensors"))
     reference = host["nodes"].InvertReference.execute(host["model"], host["vae"], host["clip"], host["image"], 2).result[0]
     reference.model_key = "sd15:0123456789ab"
-    with pytest.raises(errors.IncompatibleWeightsError, match="inverted with another model"):
+    with pytest.raises(errors.IncompatibleWeightsError, match="inverted with another checkpoint"):
         apply(host, load(host, "trained.safetensors"), reference=reference)
     # ComfyUI checks the ranges (no validate_inputs turns them off); what it cannot check is refused by Apply
     assert "validate_inputs" not in vars(host["nodes"].ApplyInvAdapter)

@@ -380,6 +380,8 @@ def test_inv_adapter_graph_runs_and_saves_an_image(server):
 @pytest.mark.parametrize("overrides,expected", [
     ({"InvAdapterLoader": {"adapter_name": "wrong-base.safetensors"}}, "but the model is SD15"),
     ({"LoadImage": {"image": "noface.png"}}, "reference image 1/1: no face found"),
+    ({"InvAdapterApply": {"inv_adapter": "accept-inv.safetensors"}},
+     "Apply Inv-Adapter: the input 'inv_adapter' takes an INV_ADAPTER, but it got the text 'accept-inv.safetensors'"),
 ])
 def test_inv_adapter_bad_inputs_fail_the_prompt_with_a_clear_message(server, overrides, expected):
     result = run_prompt(server, inv_adapter_prompt(**overrides))
