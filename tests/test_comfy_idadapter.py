@@ -198,7 +198,7 @@ class OtherPacksReplace:
         import comfy.model_patcher
 
         self.calls = 0
-        self.patcher = comfy.model_patcher.CoreModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+        self.patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
 
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules.attention import optimized_attention
@@ -221,9 +221,13 @@ def test_apply_chains_the_replace_patches_already_there(host):
     other.set_model_attn2_replace(by_block, name, number)  # keyed (name, number): ComfyUI's fallback key
     adapter = load(host, "kv-only.safetensors")
     patched = apply(host, adapter, encode(host, adapter), model=other)
-    assert {by_index.patcher, by_block.patcher, adapter.patcher} <= set(patched.model_patches_models())
+    # theirs as the patched MODEL holds them (ComfyUI before v0.14.0 deep-copies other packs' patches at each clone)
+    replaces = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    theirs = [replaces[blocks.replace_keys[0]].inner, replaces[blocks.replace_keys[-1]].inner]
+    assert all(isinstance(patch, OtherPacksReplace) for patch in theirs)
+    assert {theirs[0].patcher, theirs[1].patcher, adapter.patcher} <= set(patched.model_patches_models())
     ours = model_output(patched, 5.0)
-    assert by_index.calls == 1 and by_block.calls == 1  # theirs still run, on our K/V
+    assert [patch.calls for patch in theirs] == [1, 1]  # theirs still run, on our K/V
     torch.testing.assert_close(ours, model_output(with_static_kv_patches(host["model"], adapter, 1.0), 5.0),
                                rtol=1e-4, atol=1e-4)
 
