@@ -53,7 +53,8 @@ class InvertReference(PackNode):
                 io.Model.Input("model", tooltip="The MODEL you will apply Inv-Adapter to (the reference pass must use the same UNet)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the reference photo."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the empty (null) prompt the inversion runs with."),
-                io.Image.Input("image", tooltip="The reference photo; with face_analysis connected, its largest face is cropped and aligned."),
+                io.Image.Input("image", tooltip="The reference photo, or a batch of photos of one person (the EAA attends to all); with "
+                                                "face_analysis connected, the largest face of each is cropped and aligned."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="DDIM inversion steps (UNet evaluations); more follow the noise levels of any sampler more closely."),
                 io.FaceAnalysis.Input("face_analysis", optional=True,
