@@ -91,15 +91,21 @@ class PackNode(io.ComfyNode):
 
 def _checking_pack_inputs(execute: Callable) -> Callable:
     signature = inspect.signature(execute)
+    # (node name, input name, socket type) of the node's pack-typed inputs, read from its schema at the first call
+    # (define_schema lists model folders; the sockets never change)
+    pack_inputs: list[tuple[str, str, str]] | None = None
 
     @functools.wraps(execute)
     def checked(cls, *args, **kwargs):
+        nonlocal pack_inputs
+        if pack_inputs is None:
+            schema = cls.define_schema()
+            node = schema.display_name or schema.node_id
+            pack_inputs = [(node, s.id, s.get_io_type()) for s in schema.inputs if s.get_io_type() in PACK_TYPES]
         inputs = signature.bind(cls, *args, **kwargs).arguments
-        schema = cls.define_schema()
-        for socket in schema.inputs:
-            type_name = socket.get_io_type()
-            if type_name in PACK_TYPES and inputs.get(socket.id) is not None:
-                check_pack_input(schema.display_name or schema.node_id, socket.id, type_name, inputs[socket.id])
+        for node, name, type_name in pack_inputs:
+            if inputs.get(name) is not None:
+                check_pack_input(node, name, type_name, inputs[name])
         return execute(cls, *args, **kwargs)
 
     checked.checks_pack_inputs = True
