@@ -1,7 +1,7 @@
 """Region masks for the adapters: where in the image an identity acts (several people in one image).
 
-An Apply node's MASK ((H, W) or (B, H, W), any size) multiplies what the adapter adds, per transformer block, at that
-block's token grid. The grid follows the latent's aspect ratio: a UNet halves the latent's height and width (rounding
+An Apply node's MASK ((H, W) or (B, H, W), any size; values clamped to [0, 1]) multiplies what the adapter adds, per
+transformer block, at that block's token grid. The grid follows the latent's aspect ratio: a UNet halves the latent's height and width (rounding
 up) at each level, so the grid of a block with T tokens is the halving of the latent's (H, W) that holds T tokens;
 models that downsample otherwise fall back to the estimate ComfyUI's mask-aware packs use (IPAdapter_plus:
 h = H / sqrt(H·W / T), one more when T is not a multiple of it, w = T // h). The mask is resized bilinearly to the
@@ -19,7 +19,8 @@ from .errors import IDAdapterError
 
 
 def check_mask(mask: object, name: str = "mask") -> torch.Tensor:
-    """A MASK as a (B, H, W) float32 tensor; a clear error when it is not a usable mask."""
+    """A MASK as a (B, H, W) float32 tensor clamped to [0, 1] (a resized mask overshoots: bicubic gives -0.1 ... 1.1,
+    which would turn the adapter negative or past full strength); a clear error when it is not a usable mask."""
     if not isinstance(mask, torch.Tensor):
         raise IDAdapterError(
             f"{name} must be a MASK (a tensor of shape (H, W) or (B, H, W)), got {type(mask).__name__}; connect a "
@@ -43,7 +44,15 @@ def check_mask(mask: object, name: str = "mask") -> torch.Tensor:
         raise IDAdapterError(
             f"{name} holds NaN or infinite values; a mask holds numbers from 0 (adapter off) to 1 (full strength)."
         )
-    return mask
+    return mask.clamp(0.0, 1.0)
+
+
+def mask_batch_mismatch(masks: int, images: int) -> str:
+    """Why a batch of `masks` masks does not fit a latent batch of `images` images, and the masks that would."""
+    given = f"the mask holds {masks} masks but the latent batch holds {images} image{'s' if images > 1 else ''}"
+    if images == 1:
+        return f"{given}; give a single mask (a batch of 1)."
+    return f"{given}; give either 1 mask (used for every image) or {images} masks (one per image, in the batch's order)."
 
 
 def token_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
@@ -104,10 +113,7 @@ class RegionMask:
         masks = self.mask.shape[0]
         images = batch // chunks if batch % chunks == 0 else batch
         if masks not in (1, images):
-            raise IDAdapterError(
-                f"the mask holds {masks} masks but the latent batch holds {images} images; give one mask for every "
-                f"image (a batch of 1) or one per image (a batch of {images})."
-            )
+            raise IDAdapterError(mask_batch_mismatch(masks, images))
         resized = F.interpolate(self.mask[:, None], size=(rows, columns), mode="bilinear", align_corners=False)
         values = resized.reshape(masks, tokens, 1)
         if 1 < masks < batch:

@@ -36,7 +36,7 @@ from ..idadapter_core.schedule import (
     BLOCK_MODES, NEGATIVE_IDENTITY_MODES, AdapterStrength, StepWindow, adapter_blocks, check_schedule, identity_in_negative,
 )
 from ..idadapter_core.weights import file_fingerprint
-from .comfy_patches import attention_inputs, record_attention_inputs, set_attention_replace
+from .comfy_patches import SharedPatch, attention_inputs, record_attention_inputs, set_attention_replace
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ def register_weights_folder(folder: str) -> None:
     if folder not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(folder, os.path.join(folder_paths.models_dir, folder), is_default=True)
     folder_paths.folder_names_and_paths[folder] = (folder_paths.folder_names_and_paths[folder][0], WEIGHTS_EXTENSIONS)
+
+
+ADAPTER_PATCHER = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+"""What manages the adapter's memory: CoreModelPatcher, the patcher ComfyUI gives its own small models (CLIP vision,
+ControlNets; v0.12.0 on, so far another name of ModelPatcher), or ModelPatcher before v0.12.0."""
 
 
 @dataclass
@@ -82,7 +87,7 @@ def load_adapter_for_comfy(path: str, name: str, loader: Callable[..., torch.nn.
         model_params=sum(p.numel() for p in parameters), weight_dtype=parameters[0].dtype if parameters else None
     )
     model.to(dtype=dtype).eval().requires_grad_(False)
-    patcher = comfy.model_patcher.CoreModelPatcher(
+    patcher = ADAPTER_PATCHER(
         model, load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
@@ -184,7 +189,21 @@ def block_mask(region: RegionMask, tokens: torch.Tensor, extra_options: dict) ->
     return region.at(tokens.shape[1], tokens.shape[0], chunks, latent_hw, tokens.device, tokens.dtype)
 
 
-class IDAdapterPatch:
+def mask_covers_nothing(region: RegionMask | None, node: str) -> bool:
+    """Whether `node`'s region mask is 0 everywhere, which leaves the model as it is: almost always a mistake, so it
+    is said with a WARNING that names the node and the usual cause."""
+    if region is None or not region.covers_nothing:
+        return False
+    log.warning(
+        "%s: the mask is 0 everywhere, so the identity is applied nowhere and the model is left as it is. The usual "
+        "cause: Load Image's MASK of an image without transparency (or a fully opaque RGBA image) is all zeros, "
+        "since it is the image's transparency. Paint the region in the mask editor, invert the mask (Invert Mask), "
+        "or disconnect the mask to apply the identity to the whole image.", node,
+    )
+    return True
+
+
+class IDAdapterPatch(SharedPatch):
     """middle_patch: y + β·tanh(γ)·S([y, E_r]) (+ gated FF) in the chosen transformer blocks, inside the window;
     with a region mask, y + mask·(what the adapter adds). Unless `identity_in_negative`, the negative chunks of a
     CFG batch attend to the null identity, E_r = 0, as identity dropout trains it (guidance over the identity)."""
@@ -260,7 +279,7 @@ class IDAdapterPatch:
             self.region.clear()
 
 
-class CrossAttentionKVPatch:
+class CrossAttentionKVPatch(SharedPatch):
     """attn2 replace patch of one block: its trained cross-attention K/V differences, W + s·ΔW, inside the window;
     outside it the keys and values go on untouched. The previous replace patch of the block (another pack's, or
     ComfyUI's own attention) runs on the result. With a region mask the block attends with both and blends the rows,
@@ -309,8 +328,10 @@ def apply_idadapter(
     )
     check_layout(adapter.config.layout, unet.layout, adapter.name)
     patched = model.clone()
-    if strength.is_off or (region is not None and region.covers_nothing):
-        log.info("IDAdapter: %s, the model is left as it is", "weight 0" if strength.is_off else "the mask is 0 everywhere")
+    if mask_covers_nothing(region, "Apply IDAdapter"):
+        return patched
+    if strength.is_off:
+        log.info("IDAdapter: weight 0, the model is left as it is")
         return patched
     model_sampling = model.get_model_object("model_sampling")
     window = StepWindow(float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))

@@ -38,12 +38,22 @@ def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_opt
     )
 
 
+class SharedPatch:
+    """A patch object that every clone of a MODEL shares. ComfyUI copies `model_options` at each clone: shallowly from
+    v0.14.0 on, with copy.deepcopy before ("mp: dont deep-clone objects from model_options"), which would copy the
+    adapter's weights with every clone (and fails on tensors that are not graph leaves). Deep-copying one returns it,
+    so every release shares it as v0.14.0 and later do."""
+
+    def __deepcopy__(self, memo: dict) -> "SharedPatch":
+        return self
+
+
 def _forward(target: object, method: str, *args) -> list:
     function = getattr(target, method, None)
     return function(*args) if callable(function) else []
 
 
-class ChainedReplace:
+class ChainedReplace(SharedPatch):
     """One `patches_replace` entry: `patch` with the entry it replaced as its `inner`. Carries ComfyUI's
     patch-object protocol (`.to`, `.models`, `.cleanup`) to both, so the replaced entry's weights still load."""
 
@@ -78,7 +88,7 @@ def set_attention_replace(model, attention: str, key: tuple[str, int, int], patc
     model.set_model_patch_replace(ChainedReplace(patch, inner), attention, *key)
 
 
-class AttentionInputRecorder:
+class AttentionInputRecorder(SharedPatch):
     """An `attn1_patch` / `attn2_patch` that keeps what the attention will project (its query input, context and
     value input) in the block's `extra_options`, changing nothing."""
 

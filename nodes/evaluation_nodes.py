@@ -6,12 +6,12 @@ import logging
 from comfy_api.latest import io
 
 from ..idadapter_core.face import as_face_analyzer, identity_similarity
-from .pack_types import CATEGORY
+from .pack_types import CATEGORY, PackNode
 
 log = logging.getLogger(__name__)
 
 
-class FaceSimilarity(io.ComfyNode):
+class FaceSimilarity(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

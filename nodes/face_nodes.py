@@ -17,7 +17,7 @@ from ..idadapter_core.face import (
     CLIP_CROP_SCALE, DEFAULT_SAME_PERSON_THRESHOLD, FACE_CHOICES, FACE_MODEL_NAMES, FILL_MODES, AlignedReference,
     ClipEncoder, as_face_analyzer, available_providers, chosen_face_index, extract_face_features, load_face_analyzer,
 )
-from .pack_types import CATEGORY, FaceFeaturesType
+from .pack_types import CATEGORY, FaceFeaturesType, PackNode
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def draw_references(references: Sequence[AlignedReference], arcface_scale: float
     return np.stack(out)
 
 
-class LoadInsightFace(io.ComfyNode):
+class LoadInsightFace(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -138,7 +138,7 @@ class LoadInsightFace(io.ComfyNode):
         return io.NodeOutput(load_face_analyzer(roots, model_name, provider, det_size))
 
 
-class ExtractFaceFeatures(io.ComfyNode):
+class ExtractFaceFeatures(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

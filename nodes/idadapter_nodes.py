@@ -15,7 +15,7 @@ from .comfy_binding import (
     apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy, register_weights_folder,
     replace_trigger_tokens, trigger_token_id,
 )
-from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType, identity_in_negative_input
+from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType, PackNode, identity_in_negative_input
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def saved_embeds() -> list[str]:
 register_weights_folder("idadapter")
 
 
-class LoadIDAdapter(io.ComfyNode):
+class LoadIDAdapter(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -63,7 +63,7 @@ class LoadIDAdapter(io.ComfyNode):
         return io.NodeOutput(load_idadapter_for_comfy(path, adapter_name))
 
 
-class EncodeIdentity(io.ComfyNode):
+class EncodeIdentity(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -92,7 +92,7 @@ class EncodeIdentity(io.ComfyNode):
         return io.NodeOutput(embeds)
 
 
-class ApplyIDAdapter(io.ComfyNode):
+class ApplyIDAdapter(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -141,7 +141,7 @@ class ApplyIDAdapter(io.ComfyNode):
                                                identity_in_negative))
 
 
-class IdentityPrompt(io.ComfyNode):
+class IdentityPrompt(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -202,7 +202,7 @@ def safe_embeds_path(name: str) -> str:
     return path
 
 
-class SaveIDEmbeds(io.ComfyNode):
+class SaveIDEmbeds(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -228,7 +228,7 @@ class SaveIDEmbeds(io.ComfyNode):
         return io.NodeOutput(path, ui=ui.PreviewText(shown))
 
 
-class LoadIDEmbeds(io.ComfyNode):
+class LoadIDEmbeds(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -33,21 +33,97 @@ from ..idadapter_core.presets import check_layout
 from ..idadapter_core.schedule import (
     NEGATIVE_IDENTITY_MODES, StepWindow, check_schedule, identity_in_negative, require_finite,
 )
-from .comfy_binding import LoadedAdapter, block_mask, describe_unet, model_prediction, negative_chunks, positive_rows
-from .comfy_patches import comfy_attention, set_attention_replace
+from .comfy_binding import (
+    LoadedAdapter, block_mask, describe_unet, mask_covers_nothing, model_prediction, negative_chunks, positive_rows,
+)
+from .comfy_patches import SharedPatch, comfy_attention, set_attention_replace
 
 log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "idadapter_inv_adapter"
 
 
+FIRST_CONV = "diffusion_model.input_blocks.0.0.weight"
+PATCH_SAMPLE = 64
+"""Values of each patch tensor that enter the model key: evenly spread, enough to tell two LoRAs or merged checkpoints
+apart without hashing every weight at each Invert and Apply."""
+
+
 def model_key(model) -> str:
-    """Names the UNet a reference was inverted with: its base and a hash of its first convolution's weights (cheap,
-    and different for every checkpoint)."""
+    """Names the UNet weights a reference was inverted with, as sampling computes them: the base, a hash of the
+    checkpoint's first convolution (cheap, and different for every checkpoint) and, when the MODEL carries weight
+    patches (LoRAs, merges, which ComfyUI adds to the weights only while it samples), how many weights they patch
+    and a hash of the patches with their strengths. "base:conv" or "base:conv+patches:N:hash"."""
     unet = model.get_model_object("diffusion_model")
     blocks = describe_unet(unet, type(model.model.model_config).__name__, model_prediction(model))
-    first_conv = unet.input_blocks[0][0].weight.detach().float().cpu().numpy()
-    return f"{blocks.layout.base}:{hashlib.sha256(first_conv.tobytes()).hexdigest()[:12]}"
+    first_conv = unpatched_weight(model, FIRST_CONV, unet.input_blocks[0][0].weight)
+    key = f"{blocks.layout.base}:{hashlib.sha256(first_conv.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]}"
+    patches = getattr(model, "patches", None) or {}
+    if not patches:
+        return key
+    digest = hashlib.sha256()
+    for name in sorted(patches):
+        digest.update(name.encode())
+        _digest_patch(digest, patches[name])
+    return f"{key}+patches:{len(patches)}:{digest.hexdigest()[:12]}"
+
+
+def unpatched_weight(model, name: str, current: torch.Tensor) -> torch.Tensor:
+    """The weight `name` as the checkpoint holds it: while a MODEL is loaded for sampling its patches are added in
+    place, the original kept in the ModelPatcher's `backup` (shared by its clones)."""
+    backup = getattr(model, "backup", {}).get(name)
+    return current if backup is None else backup.weight
+
+
+def _digest_patch(digest, value, depth: int = 0) -> None:
+    """Adds one weight patch to `digest`: its strengths, functions and kind, and for each tensor its shape, dtype and
+    PATCH_SAMPLE values. Covers ComfyUI's patch tuples (strength_patch, patch, strength_model, offset, function),
+    LoRA adapters (objects holding their tensors) and a merge's other checkpoint (lists of (weight, convert))."""
+    if depth > 6:
+        digest.update(type(value).__name__.encode())
+    elif isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // PATCH_SAMPLE)][:PATCH_SAMPLE]
+        digest.update(f"{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(sample.float().cpu().numpy().tobytes())
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _digest_patch(digest, item, depth + 1)
+    elif isinstance(value, dict):
+        for name in sorted(value, key=str):
+            digest.update(str(name).encode())
+            _digest_patch(digest, value[name], depth + 1)
+    elif value is None or isinstance(value, (str, int, float, bool)):
+        digest.update(repr(value).encode())
+    elif callable(value) and hasattr(value, "__qualname__"):
+        digest.update(value.__qualname__.encode())
+    else:
+        digest.update(type(value).__qualname__.encode())
+        _digest_patch(digest, {k: v for k, v in vars(value).items() if not isinstance(v, (set, frozenset))}
+                      if hasattr(value, "__dict__") else repr(value), depth + 1)
+
+
+def check_inverted_with(reference: ReferenceTrajectory, applied_key: str) -> None:
+    """Refuse a reference inverted through other UNet weights than `applied_key`'s (another checkpoint, or the same one
+    with other LoRAs or merges): the reference pass would run through weights the inversion never saw."""
+    if reference.model_key == applied_key:
+        return
+    inverted_base, _, inverted_patches = reference.model_key.partition("+")
+    applied_base, _, applied_patches = applied_key.partition("+")
+    if inverted_base != applied_base:
+        what = "another checkpoint"
+    elif not inverted_patches:
+        what = f"the plain checkpoint, but it is applied to one with weight patches (LoRA or merge: {applied_patches})"
+    elif not applied_patches:
+        what = f"a model with weight patches (LoRA or merge: {inverted_patches}), but it is applied to the plain checkpoint"
+    else:
+        what = "the same checkpoint with other weight patches (other LoRAs or merges, or other strengths)"
+    raise IncompatibleWeightsError(
+        f"this reference was inverted with {what} (inverted with {reference.model_key}, applied to {applied_key}). "
+        "Run Invert Reference through the same MODEL you apply Inv-Adapter to, after the same LoRAs and merges: "
+        "connect both to the same MODEL output (e.g. the last LoRA loader's or model merge's)."
+    )
 
 
 def crop_reference_face(image: torch.Tensor, analyzer: FaceAnalyzer, size: int, scale: float) -> torch.Tensor:
@@ -105,13 +181,20 @@ def invert_reference(model, vae, clip, image: torch.Tensor, steps: int, progress
     return ReferenceTrajectory(sigmas, trajectory[0].float(), captured, model_key(model))
 
 
+def references_as_tokens(features: torch.Tensor) -> torch.Tensor:
+    """One block's features of R reference images (R, T, C) as one set of R·T tokens (1, R·T, C): several photos of
+    one person give the EAA more keys and values to attend to (its self-attention appends them all, its
+    cross-attention attends over all of them), and every image of the generation batch sees all of them."""
+    return features.reshape(1, -1, features.shape[-1])
+
+
 @dataclass
 class _Bank:
     references: list[EAAReferenceKV] | None = None
     """The EAA's projections of the current step's reference features (None: the EAA is off this step)."""
 
 
-class InvAdapterPatch:
+class InvAdapterPatch(SharedPatch):
     """The state shared by the wrapper and the attention replaces of one Apply Inv-Adapter. Unless
     `identity_in_negative`, the EAA acts only on the positive chunks of a CFG batch: the negative ones are exactly
     the model without the reference (guidance over the identity)."""
@@ -162,14 +245,15 @@ class InvAdapterPatch:
             return self._features[key]
         latent = reference.latents[index].to(x)
         sigma_ref = reference.sigmas[index].to(x).expand(latent.shape[0])
-        conditioning = {name: value.to(x.device) for name, value in reference.conditioning.items()}
+        conditioning = {name: value.to(x.device).expand(latent.shape[0], *value.shape[1:])
+                        for name, value in reference.conditioning.items()}
         options = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
         options.update(patches={"attn1_patch": [self.record]}, sigmas=sigma_ref, cond_or_uncond=[1])
         self._recording = {}
         try:
             with torch.no_grad():
                 executor(latent, sigma_ref, None, conditioning.pop("c_crossattn"), None, options, **conditioning)
-            features = [self._recording[i] for i in range(len(self._recording))]
+            features = [references_as_tokens(self._recording[i]) for i in range(len(self._recording))]
         finally:
             self._recording = None
         if self.cache_features:
@@ -193,7 +277,7 @@ class InvAdapterPatch:
             self.region.clear()
 
 
-class EAAAttention:
+class EAAAttention(SharedPatch):
     """An attn1 (`cross=False`) or attn2 replace patch (comfy_patches.ReplacePatch) adding the EAA to that attention
     in every block; `inner` (whatever computed the block's attention before: another pack's patch or ComfyUI's own)
     still computes the block's own part."""
@@ -249,12 +333,7 @@ def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTraject
     unet = model.get_model_object("diffusion_model")
     blocks = describe_unet(unet, type(model.model.model_config).__name__, model_prediction(model))
     check_layout(adapter.config.layout, blocks.layout, adapter.name, method="Inv-Adapter")
-    inverted_with = model_key(model)
-    if reference.model_key != inverted_with:
-        raise IncompatibleWeightsError(
-            f"this reference was inverted with another model ({reference.model_key}) than the one it is applied to "
-            f"({inverted_with}); run Invert Reference with the same MODEL you apply Inv-Adapter to."
-        )
+    check_inverted_with(reference, model_key(model))
     require_finite(weight=weight)
     check_schedule(start_at, end_at)
     model_sampling = model.get_model_object("model_sampling")
@@ -263,8 +342,7 @@ def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTraject
     patch = InvAdapterPatch(adapter, reference, weight, window, blocks.first_block, reference_sigma, cache_features,
                             region, in_negative)
     patched = model.clone()
-    if region is not None and region.covers_nothing:
-        log.info("Inv-Adapter: the mask is 0 everywhere, the model is left as it is (no reference pass)")
+    if mask_covers_nothing(region, "Apply Inv-Adapter"):
         return patched
     self_attention, cross_attention = EAAAttention(patch, cross=False), EAAAttention(patch, cross=True)
     for key in blocks.replace_keys:

@@ -12,7 +12,7 @@ from ..idadapter_core.inv_adapter import load_inv_adapter
 from ..idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
 from .comfy_binding import load_adapter_for_comfy, register_weights_folder
 from .inv_adapter_binding import apply_inv_adapter, crop_reference_face, invert_reference
-from .pack_types import CATEGORY, InvAdapterType, InvReferenceType, identity_in_negative_input
+from .pack_types import CATEGORY, InvAdapterType, InvReferenceType, PackNode, identity_in_negative_input
 
 MODEL_FOLDER = "inv_adapter"
 
@@ -20,7 +20,7 @@ MODEL_FOLDER = "inv_adapter"
 register_weights_folder(MODEL_FOLDER)
 
 
-class LoadInvAdapter(io.ComfyNode):
+class LoadInvAdapter(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -41,7 +41,7 @@ class LoadInvAdapter(io.ComfyNode):
         return io.NodeOutput(load_adapter_for_comfy(path, adapter_name, load_inv_adapter))
 
 
-class InvertReference(io.ComfyNode):
+class InvertReference(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -54,7 +54,8 @@ class InvertReference(io.ComfyNode):
                 io.Model.Input("model", tooltip="The MODEL you will apply Inv-Adapter to (the reference pass must use the same UNet)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the reference photo."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the empty (null) prompt the inversion runs with."),
-                io.Image.Input("image", tooltip="The reference photo; with face_analysis connected, its largest face is cropped and aligned."),
+                io.Image.Input("image", tooltip="The reference photo, or a batch of photos of one person (the EAA attends to all); with "
+                                                "face_analysis connected, the largest face of each is cropped and aligned."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="DDIM inversion steps (UNet evaluations); more follow the noise levels of any sampler more closely."),
                 io.FaceAnalysis.Input("face_analysis", optional=True,
@@ -78,7 +79,7 @@ class InvertReference(io.ComfyNode):
         return io.NodeOutput(reference)
 
 
-class ApplyInvAdapter(io.ComfyNode):
+class ApplyInvAdapter(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

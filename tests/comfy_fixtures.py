@@ -110,13 +110,24 @@ def comfy_clip_vision_config(name: str) -> dict:
     return json.loads((Path(comfy.clip_vision.__file__).parent / f"clip_vision_config_{name}.json").read_text())
 
 
+def clip_vision_model(config: dict):
+    """ComfyUI's ClipVisionModel of `config`, built the way every release takes it: from a JSON file (a dict is
+    accepted from v0.23.0 on only)."""
+    import tempfile
+
+    import comfy.clip_vision
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clip_vision_config.json"
+        path.write_text(json.dumps(config))
+        return comfy.clip_vision.ClipVisionModel(str(path))
+
+
 def write_clip_vision(path: Path, config: dict, seed: int = 3) -> Path:
     """A random-weight CLIP vision model of `config` in ComfyUI's layout, float16 as the released files are. Load CLIP
     Vision reads such a file when `config` is one of its own (ViT-L/14, `comfy_clip_vision_config("vitl")`, is the
     smallest); `load_clip_vision(path, config)` reads it with any config."""
-    import comfy.clip_vision
-
-    model = randomize_(comfy.clip_vision.ClipVisionModel(dict(config)).model, seed)
+    model = randomize_(clip_vision_model(config).model, seed)
     save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
 
@@ -124,10 +135,9 @@ def write_clip_vision(path: Path, config: dict, seed: int = 3) -> Path:
 def load_clip_vision(path: Path, config: dict):
     """ComfyUI's ClipVisionModel of `config` with the weights of `path`: what Load CLIP Vision does once it has picked
     the config from the file's keys (`comfy.clip_vision.load_clipvision_from_sd`), for configs it does not know."""
-    import comfy.clip_vision
     from safetensors.torch import load_file
 
-    clip_vision = comfy.clip_vision.ClipVisionModel(dict(config))
+    clip_vision = clip_vision_model(config)
     missing, unexpected = clip_vision.load_sd(load_file(str(path)))
     assert not missing and not unexpected, (missing, unexpected)
     return clip_vision

@@ -12,7 +12,21 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
+
+
+def shared_assets_folder() -> Path:
+    """`shared/assets` beside the repository, or, in a linked git worktree (whose `.git` is a file naming
+    `<main checkout>/.git/worktrees/<name>`), beside its main checkout."""
+    beside = REPO_ROOT.parent / "shared" / "assets"
+    git = REPO_ROOT / ".git"
+    if beside.is_dir() or not git.is_file() or not git.read_text().startswith("gitdir:"):
+        return beside
+    main_checkout = Path(git.read_text().removeprefix("gitdir:").strip()).parents[2]
+    beside_main = main_checkout.parent / "shared" / "assets"
+    return beside_main if beside_main.is_dir() else beside
+
+
+SHARED_ASSETS = shared_assets_folder()
 PACK_MODULE = "comfyui_idadapter"
 # Appended, not prepended: the pack's `nodes/` package must never shadow ComfyUI's own `nodes` module.
 if str(REPO_ROOT) not in sys.path:

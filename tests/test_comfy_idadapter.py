@@ -1,6 +1,7 @@
 """IDAdapter nodes inside a real ComfyUI (imported from COMFYUI_PATH; skipped without it)."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 
@@ -197,7 +198,7 @@ class OtherPacksReplace:
         import comfy.model_patcher
 
         self.calls = 0
-        self.patcher = comfy.model_patcher.CoreModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+        self.patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
 
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules.attention import optimized_attention
@@ -220,9 +221,13 @@ def test_apply_chains_the_replace_patches_already_there(host):
     other.set_model_attn2_replace(by_block, name, number)  # keyed (name, number): ComfyUI's fallback key
     adapter = load(host, "kv-only.safetensors")
     patched = apply(host, adapter, encode(host, adapter), model=other)
-    assert {by_index.patcher, by_block.patcher, adapter.patcher} <= set(patched.model_patches_models())
+    # theirs as the patched MODEL holds them (ComfyUI before v0.14.0 deep-copies other packs' patches at each clone)
+    replaces = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    theirs = [replaces[blocks.replace_keys[0]].inner, replaces[blocks.replace_keys[-1]].inner]
+    assert all(isinstance(patch, OtherPacksReplace) for patch in theirs)
+    assert {theirs[0].patcher, theirs[1].patcher, adapter.patcher} <= set(patched.model_patches_models())
     ours = model_output(patched, 5.0)
-    assert by_index.calls == 1 and by_block.calls == 1  # theirs still run, on our K/V
+    assert [patch.calls for patch in theirs] == [1, 1]  # theirs still run, on our K/V
     torch.testing.assert_close(ours, model_output(with_static_kv_patches(host["model"], adapter, 1.0), 5.0),
                                rtol=1e-4, atol=1e-4)
 
@@ -489,3 +494,50 @@ def test_deep_blocks_run_in_forward_order_and_match_diffusers(comfy_pack, tmp_pa
         theirs = diffusers_unet(x, t, encoder_hidden_states=context).sample
     assert (ours - bare).abs().max() > 1e-3
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def pack_typed_inputs(comfy_pack) -> list[tuple[type, str, str]]:
+    """(node class, input name, socket type) of every input of one of the pack's own socket types, on every node."""
+    pack_types = importlib.import_module("comfyui_idadapter.nodes.pack_types")
+    nodes = importlib.import_module("comfyui_idadapter.nodes")
+    found = []
+    for node in asyncio.run(nodes.IDAdapterExtension().get_node_list()):
+        found += [(node, socket.id, socket.get_io_type()) for socket in node.define_schema().inputs
+                  if socket.get_io_type() in pack_types.PACK_TYPES]
+    return found
+
+
+def test_every_pack_typed_input_refuses_a_value_that_is_not_its_type(comfy_pack):
+    """An API prompt can put a file name where a link belongs; every node refuses it naming the input, what came and
+    what to connect, before doing any work (the other inputs are not even looked at)."""
+    errors = importlib.import_module("comfyui_idadapter.idadapter_core.errors")
+    checked = pack_typed_inputs(comfy_pack)
+    assert {(node.__name__, name) for node, name, _ in checked} == {
+        ("EncodeIdentity", "idadapter"), ("EncodeIdentity", "face_features"), ("ApplyIDAdapter", "idadapter"),
+        ("ApplyIDAdapter", "id_embeds"), ("IdentityPrompt", "idadapter"), ("IdentityPrompt", "id_embeds"),
+        ("SaveIDEmbeds", "id_embeds"), ("ApplyInvAdapter", "inv_adapter"), ("ApplyInvAdapter", "reference"),
+    }
+    for node, name, type_name in checked:
+        schema = node.define_schema()
+        inputs = {socket.id: None for socket in schema.inputs}
+        inputs[name] = "accept-inv.safetensors"
+        expected = (f"{schema.display_name}: the input '{name}' takes an {type_name}, but it got the text "
+                    f"'accept-inv.safetensors'. Connect the {type_name} output of ")
+        with pytest.raises(errors.IDAdapterError) as refused:
+            node.execute(**inputs)
+        assert str(refused.value).startswith(expected), str(refused.value)
+
+
+def test_an_adapter_of_the_other_method_is_refused_by_name(host, tmp_path):
+    from comfy_fixtures import write_inv_adapter
+
+    errors = importlib.import_module("comfyui_idadapter.idadapter_core.errors")
+    binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
+    inv_adapter = importlib.import_module("comfyui_idadapter.idadapter_core.inv_adapter")
+    write_inv_adapter(tmp_path / "inv.safetensors")
+    wrong = binding.load_adapter_for_comfy(str(tmp_path / "inv.safetensors"), "inv.safetensors",
+                                           inv_adapter.load_inv_adapter)
+    embeds = encode(host, load(host, "tiny.safetensors"))
+    with pytest.raises(errors.IDAdapterError, match="Apply IDAdapter: the input 'idadapter' takes an IDADAPTER, but it "
+                                                    "got an INV_ADAPTER. Connect the IDADAPTER output of Load IDAdapter"):
+        host["nodes"].ApplyIDAdapter.execute(host["model"], wrong, embeds, 1.0, 0.0, 1.0)

@@ -1,6 +1,7 @@
 """Inv-Adapter nodes inside a real ComfyUI (imported from COMFYUI_PATH; skipped without it)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 
@@ -38,14 +39,20 @@ def apply(host, adapter, weight=1.0, start_at=0.0, end_at=1.0, model=None, refer
     ).result[0]
 
 
-def sample(model, clip, seed=0, batch=1, steps=2):
+def sample(model, clip, seed=0, batch=1, steps=2, cfg=7.0):
     import comfy.sample
 
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a man"))
     uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = torch.zeros(batch, 4, 8, 8)
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", cond, uncond, latent, seed=seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond, uncond, latent, seed=seed,
+                               disable_pbar=True)
+
+
+def invert(host, model, image=None, steps=4):
+    return host["nodes"].InvertReference.execute(model, host["vae"], host["clip"], host["image"] if image is None
+                                                 else image, steps).result[0]
 
 
 def model_hash(model) -> str:
@@ -146,7 +153,7 @@ def test_bad_inputs_are_refused_with_clear_messages(host):
         apply(host, load(host, "wrong-base.safetensors"))
     reference = host["nodes"].InvertReference.execute(host["model"], host["vae"], host["clip"], host["image"], 2).result[0]
     reference.model_key = "sd15:0123456789ab"
-    with pytest.raises(errors.IncompatibleWeightsError, match="inverted with another model"):
+    with pytest.raises(errors.IncompatibleWeightsError, match="inverted with another checkpoint"):
         apply(host, load(host, "trained.safetensors"), reference=reference)
     # ComfyUI checks the ranges (no validate_inputs turns them off); what it cannot check is refused by Apply
     assert "validate_inputs" not in vars(host["nodes"].ApplyInvAdapter)
@@ -186,3 +193,89 @@ def test_face_crop_with_the_real_face_model_and_no_face_error(host):
     with pytest.raises(errors.IDAdapterError, match="reference image 1/1: no face found"):
         crop_reference_face(torch.full((1, 64, 64, 3), 0.5), analyzer, 128, 2.0)
     assert np.isfinite(crop.numpy()).all()
+
+
+LORA_TARGET = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+
+
+def with_lora(host, strength=1.0):
+    """The MODEL through ComfyUI's LoRA loading (comfy.sd.load_lora_for_models, what Load LoRA runs) with a rank-4
+    LoRA on one cross-attention key projection."""
+    import comfy.sd
+
+    g = torch.Generator().manual_seed(7)
+    prefix = f"lora_unet_{LORA_TARGET.replace('.', '_')}"
+    lora = {f"{prefix}.lora_up.weight": torch.randn(320, 4, generator=g),
+            f"{prefix}.lora_down.weight": torch.randn(4, 768, generator=g), f"{prefix}.alpha": torch.tensor(4.0)}
+    model, _ = comfy.sd.load_lora_for_models(host["model"], None, lora, strength, 0.0)
+    assert list(model.patches) == [f"diffusion_model.{LORA_TARGET}.weight"]
+    return model
+
+
+def merged(host):
+    """ModelMergeAdd(model, model): every UNet weight patched (doubled)."""
+    merging = importlib.import_module("comfy_extras.nodes_model_merging")
+    return merging.ModelAdd().merge(host["model"], host["model"])[0]
+
+
+@pytest.mark.parametrize("patch", [with_lora, merged], ids=["lora", "merge"])
+def test_a_reference_is_refused_on_the_model_with_other_weight_patches_both_ways(host, patch):
+    errors = importlib.import_module("comfyui_idadapter.idadapter_core.errors")
+    adapter = load(host, "trained.safetensors")
+    patched = patch(host)
+    with pytest.raises(errors.IncompatibleWeightsError, match=r"inverted with the plain checkpoint, but it is applied "
+                       r"to one with weight patches \(LoRA or merge: patches:\d+:\w+\).*after the same LoRAs and merges"):
+        apply(host, adapter, model=patched)
+    through_patched = invert(host, patched, steps=2)
+    with pytest.raises(errors.IncompatibleWeightsError, match=r"inverted with a model with weight patches \(LoRA or "
+                       r"merge: patches:\d+:\w+\), but it is applied to the plain checkpoint"):
+        apply(host, adapter, reference=through_patched)
+    # the same LoRA or merge made again (a new ModelPatcher, a new patches_uuid) is the same model
+    again = patch(host)
+    assert again.patches_uuid != patched.patches_uuid
+    assert torch.isfinite(sample(apply(host, adapter, model=again, reference=through_patched), host["clip"], steps=1)).all()
+
+
+def test_a_lora_at_another_strength_is_another_model(host):
+    errors = importlib.import_module("comfyui_idadapter.idadapter_core.errors")
+    reference = invert(host, with_lora(host, 1.0), steps=2)
+    with pytest.raises(errors.IncompatibleWeightsError, match="the same checkpoint with other weight patches"):
+        apply(host, load(host, "trained.safetensors"), model=with_lora(host, 0.5), reference=reference)
+
+
+def test_the_model_key_is_the_same_while_patches_sit_in_the_loaded_weights(host):
+    """Sampling adds a MODEL's patches to the weights in place (the originals kept in the patcher's backup): the key of
+    the plain and of the merged model must not change with which of them is loaded."""
+    import comfy.model_management
+
+    binding = importlib.import_module("comfyui_idadapter.nodes.inv_adapter_binding")
+    model, doubled = host["model"], merged(host)
+    keys = binding.model_key(model), binding.model_key(doubled)
+    assert keys[0] != keys[1] and keys[1].startswith(keys[0] + "+patches:")
+    comfy.model_management.load_models_gpu([doubled])
+    first_conv = doubled.model.diffusion_model.input_blocks[0][0].weight
+    assert torch.equal(first_conv, 2 * doubled.backup[binding.FIRST_CONV].weight)  # the weights are patched now
+    assert (binding.model_key(model), binding.model_key(doubled)) == keys
+    comfy.model_management.load_models_gpu([model])
+    assert (binding.model_key(model), binding.model_key(doubled)) == keys
+
+
+def test_a_batch_of_reference_images_gives_the_eaa_every_reference_as_more_tokens(host):
+    """Two photos of one person: the reference pass runs both, and every block's EAA attends to the features of both
+    (2 x 64 tokens in the first block); the order of the photos does not matter. Latent batches 1-3, and cfg 1."""
+    adapter = load(host, "trained.safetensors")
+    second = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    pair = invert(host, host["model"], torch.cat([host["image"], second]))
+    assert pair.latents.shape == (5, 2, 4, 8, 8)
+    torch.testing.assert_close(pair.latents[:, :1], host["reference"].latents, rtol=1e-3, atol=1e-3)  # as alone
+    clip = host["clip"]
+    for batch, cfg in ((2, 7.0), (3, 7.0), (1, 1.0)):
+        patched = apply(host, adapter, reference=pair)
+        assert torch.isfinite(sample(patched, clip, batch=batch, steps=1, cfg=cfg)).all(), (batch, cfg)
+        patch = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).patch.patch
+        (features,) = patch._features.values()
+        assert features[0].shape == (1, 2 * 64, 320)
+    both, one = sample(apply(host, adapter, reference=pair), clip), sample(apply(host, adapter), clip)
+    swapped = sample(apply(host, adapter, reference=dataclasses.replace(pair, latents=pair.latents.flip(1))), clip)
+    # the order only changes float rounding (the reference pass batches the photos the other way round)
+    assert (swapped - both).abs().max() < 0.02 * (both - one).abs().max()

@@ -6,6 +6,7 @@ exactly the null identity, the positive ones exactly what they get without it.""
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, replace
 
 import pytest
@@ -272,3 +273,34 @@ def test_guided_and_same_identity_differ_under_cfg_and_agree_at_cfg_1(host, meth
 def test_unknown_negative_identity_mode_is_refused_naming_the_choices(host):
     with pytest.raises(Exception, match="none \\(guided\\), same as positive"):
         apply(host, "idadapter", identity_in_negative="both")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_mask_outside_0_1_is_clamped(host, method):
+    """A bicubic-resized mask overshoots (-0.11 ... 1.11): it acts as the mask clamped to [0, 1], never turning the
+    adapter negative nor past full strength."""
+    overshooting = left_half(64, 96) * 1.22 - 0.11
+    clamped = sample(apply(host, method, left_half(64, 96)), host["clip"])
+    assert torch.equal(sample(apply(host, method, overshooting), host["clip"]), clamped)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_mask_batch_that_fits_no_latent_batch_says_what_would(host, method):
+    pack_error = importlib.import_module("comfyui_idadapter.idadapter_core.errors").IDAdapterError
+    patched = apply(host, method, torch.ones(2, *LATENT_HW))
+    with pytest.raises(pack_error, match=r"the mask holds 2 masks but the latent batch holds 1 image; give a single "
+                                         r"mask \(a batch of 1\)\.$"):
+        sample(patched, host["clip"], steps=1)
+
+
+@pytest.mark.parametrize("method,node", [("idadapter", "Apply IDAdapter"), ("inv_adapter", "Apply Inv-Adapter")])
+def test_an_all_zero_mask_is_a_warning_naming_the_node_and_the_likely_cause(host, method, node, caplog):
+    with caplog.at_level(logging.WARNING):
+        apply(host, method, torch.zeros(64, 64))  # Load Image's MASK of an image without transparency
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{node}: the mask is 0 everywhere")
+    assert "Load Image's MASK of an image without transparency" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        apply(host, method, left_half(64, 64))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -174,7 +174,10 @@ def apply_prompt(method: str, apply_inputs: dict) -> dict:
 
 def test_pack_loads_and_lists_every_node(server):
     log = server["log"].read_text()
-    assert "IMPORT FAILED" not in log, log[-3000:]
+    # this pack's line only: some of ComfyUI's own optional nodes fail to import on some machines (nodes_glsl.py
+    # without OpenGL before v0.27.0)
+    assert not [line for line in log.splitlines() if "IMPORT FAILED" in line and "ComfyUI-IDAdapter" in line], log[-3000:]
+    assert "ComfyUI-IDAdapter" in log, log[-3000:]  # the line the check above reads is there
     info = get(server["url"], "/object_info")
     assert PACK_NODES <= info.keys()
     for node_id in PACK_NODES:
@@ -225,7 +228,12 @@ def test_shipped_workflows_match_the_node_definitions(server, name):
         definition = info[node["type"]]
         for slot in node["inputs"]:
             assert slot["name"] in input_names(definition)
-        assert [o["type"] for o in node["outputs"]] == definition["output"]
+        outputs = [o["type"] for o in node["outputs"]]
+        if node["type"] in PACK_NODES:
+            assert outputs == definition["output"], node["type"]
+        else:  # ComfyUI's own nodes gain outputs over releases (Save/Preview Image's from v0.26.0); linked ones count
+            linked = {i: o["type"] for i, o in enumerate(node["outputs"]) if o.get("links")}
+            assert linked == {i: t for i, t in enumerate(definition["output"]) if i in linked}, node["type"]
         # what the frontend reads to say which missing model goes where: a widget's file, in a real model folder
         for model in node.get("properties", {}).get("models", []):
             assert model["name"] in node["widgets_values"] and model["url"].startswith("https://")
@@ -380,6 +388,8 @@ def test_inv_adapter_graph_runs_and_saves_an_image(server):
 @pytest.mark.parametrize("overrides,expected", [
     ({"InvAdapterLoader": {"adapter_name": "wrong-base.safetensors"}}, "but the model is SD15"),
     ({"LoadImage": {"image": "noface.png"}}, "reference image 1/1: no face found"),
+    ({"InvAdapterApply": {"inv_adapter": "accept-inv.safetensors"}},
+     "Apply Inv-Adapter: the input 'inv_adapter' takes an INV_ADAPTER, but it got the text 'accept-inv.safetensors'"),
 ])
 def test_inv_adapter_bad_inputs_fail_the_prompt_with_a_clear_message(server, overrides, expected):
     result = run_prompt(server, inv_adapter_prompt(**overrides))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import logging
 import shutil
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_fixtures import randomize_, tiny_adapter_config, write_adapter
+from comfy_fixtures import clip_vision_model, randomize_, tiny_adapter_config, write_adapter
 from conftest import shared_assets_or_skip
 from train.tiny_face_models import square_faces_image, write_model_pack
 
@@ -27,9 +28,7 @@ TINY_CLIP_VISION = dict(
 
 
 def tiny_clip_vision(seed: int = 0):
-    import comfy.clip_vision
-
-    clip_vision = comfy.clip_vision.ClipVisionModel(dict(TINY_CLIP_VISION))
+    clip_vision = clip_vision_model(TINY_CLIP_VISION)
     randomize_(clip_vision.model, seed)
     return clip_vision
 
@@ -313,7 +312,8 @@ def executor(host, monkeypatch):
         executed = [d["node"] for e, d in server.messages if e == "executing" and d.get("node")]
 
         def outputs(node_id: str) -> list:
-            return asyncio.run(prompt_executor.caches.outputs.get(node_id)).outputs
+            cached = prompt_executor.caches.outputs.get(node_id)  # a coroutine from ComfyUI v0.18.0 on
+            return (asyncio.run(cached) if inspect.isawaitable(cached) else cached).outputs
 
         return dict(cached=set(events["execution_cached"]["nodes"]), executed=executed, outputs=outputs)
 
