@@ -179,6 +179,22 @@ def comfy_run(args) -> dict:
 
         parts = {"reference pass": record, "self EAA": step("attn1"), "cross EAA": step("attn2"),
                  "cached": step("attn1", "attn2"), "cold": cold}
+        if hasattr(patch, "blocks"):  # the faster mode: the EAA and the reference pass end below the highest resolution
+            fast = binding.InvAdapterPatch(adapter, reference, 1.0, schedule.StepWindow(float("inf"), 0.0),
+                                           blocks.first_block, None, cache_features=False,
+                                           blocks=schedule.adapter_blocks(blocks.layout, "skip highest resolution"))
+            fast_chained = {name: comfy_patches.ChainedReplace(binding.EAAAttention(fast, name == "attn2"),
+                                                               comfy_patches.comfy_attention) for name in ("attn1", "attn2")}
+
+            def fast_cold(fast=fast, fast_chained=fast_chained, blocks=blocks) -> None:
+                def executor(latent, sigma, c_concat, c_crossattn, control, transformer_options, **kwargs):
+                    return unet(inputs["ref"], inputs["t"][:1], inputs["null"], transformer_options=transformer_options)
+                fast.bank.references = fast.step_references(executor, inputs["x"], 1.0, dict(sampler_options))
+                replaces = {a: {key: fast_chained[a] for key in blocks.replace_keys} for a in ("attn1", "attn2")}
+                unet(inputs["x"], inputs["t"], inputs["context"], transformer_options=dict(sampler_options, patches_replace=replaces))
+
+            parts["fast cold (skip highest resolution)"] = fast_cold
+        parts = {part: run for part, run in parts.items() if not args.parts or part in args.parts.split(",")}
         variants += [Variant(f"{pack_name}: {part}", run) for part, run in parts.items()]
     with torch.no_grad():
         if args.flops:
@@ -249,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--packs", default=f"this={REPO_ROOT}",
                         help="--host: name=PATH,... checkouts of the pack measured side by side")
     parser.add_argument("--flops", action="store_true", help="--host: also count each variant's FLOPs")
+    parser.add_argument("--parts", default="", help="--host: only these parts (comma list; default all)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.rounds = 256, 2
