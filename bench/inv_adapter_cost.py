@@ -4,17 +4,21 @@ One process, the full SD1.5 UNet layout with random weights (fp32, CPU, eval, no
 (512 by default), batch 2 (cond + uncond, as CFG runs them) with 77 text tokens, a batch-1 reference, and the
 `sd15` Inv-Adapter with its self-attention gates open and a non-zero cross branch. Two hosts:
 - default: a diffusers `UNet2DConditionModel` with `DiffusersInvAdapter` (PyTorch SDPA attention);
-- `--host` (needs COMFYUI_PATH): ComfyUI's own `UNetModel` with the pack's ComfyUI binding (the attention replaces and
-  the recording patch), under ComfyUI's default CPU attention (sub-quadratic) — where users run it.
+- `--host` (needs COMFYUI_PATH): ComfyUI's own `UNetModel` with the pack's ComfyUI binding, called as a sampler calls it
+  (cond + uncond chunks: the EAA on the cond row, guidance over the identity), under ComfyUI's default CPU attention
+  or `--attention pytorch`; the step split into its parts (reference pass, self EAA, cross EAA, cached, cold, the
+  faster mode), several checkouts side by side (`--packs before=PATH,after=.`), `--flops` counted on fake tensors
+  (no arithmetic runs, so 512² and 768² count in minutes) and `--rounds 0` for FLOPs only.
 
 Reported:
-- inversion: UNet evaluations (= steps) and seconds per evaluation (batch 1), so 50 steps cost 50 x that;
+- inversion (diffusers host): UNet evaluations (= steps) and seconds per evaluation (batch 1), so 50 steps cost 50 x that;
 - s/step with the EAA ÷ without: "cold" runs the reference pass (a batch-1 UNet call recording every block's
   self-attention input) and the EAA step; "cached" reuses the step's recorded features (a second generation with the
   same reference); interleaved rounds, median of per-round ratios; goal cached <= 1.5;
-- the FLOP floor of both (`torch.utils.flop_counter`, 2 x MACs; host mode counts only the diffusers run);
+- the FLOP floor of both (`torch.utils.flop_counter`, 2 x MACs; in host mode with `--flops`);
 - memory of the cached features: per step and for a whole generation, fp32 and fp16.
-Run: `python bench/inv_adapter_cost.py [--quick] [--host] [--size 512] [--rounds 3]`. Prints a table, exits 0.
+Run: `python bench/inv_adapter_cost.py [--quick] [--size 512] [--rounds 3]`, or `COMFYUI_PATH=... python
+bench/inv_adapter_cost.py --host [--attention pytorch] [--flops] [--rounds 0] [--packs ...]`. Prints a table, exits 0.
 """
 from __future__ import annotations
 
