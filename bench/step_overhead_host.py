@@ -13,9 +13,14 @@ run is not timed (it loads the models and computes E_r's K/V). Variants, interle
     kv-only  fp16 file, weight 0 with the K/V at full strength (paper form): only the per-step K/V path
     masked   fp16 file with a mask covering the left half of the image (the adapter's residual scaled by the mask,
              the cross-attention run with and without the K/V differences and blended): compared with fp16
+    inv-cold   Apply Inv-Adapter (weight 1, open gates, non-zero cross branch, guided: the EAA on the cond row),
+               cache_features off: the reference pass at every step, what every first generation costs
+    inv-cached the same with cache_features on, after a warm-up generation: a later generation of the same graph
+    inv-fast   inv-cold with blocks = "skip highest resolution" (Inv-Adapter's faster mode)
     before-* the pack at --before (e.g. `git archive e13f01c`), same files: the host before this change
 The sd15 adapter has random weights, both gates of every block opened and random K/V differences; E_r is random,
-1025 tokens (4 references x 256 patches + 1). The FLOP floor is counted on one UNet call with and without the
+1025 tokens (4 references x 256 patches + 1). Inv-Adapter's reference is a random trajectory of 10 inversion
+steps at the generation's size (the reference pass cost does not depend on its content). The FLOP floor is counted on one UNet call with and without the
 adapter (`torch.utils.flop_counter`, 2 x MACs) in the worker that runs ComfyUI's default kernel.
 """
 from __future__ import annotations
@@ -41,6 +46,7 @@ if str(REPO_ROOT) not in sys.path:
 from bench.comfy_host import import_pack, start_comfyui  # noqa: E402
 
 ATTENTION_MODES = {"default": [], "pytorch": ["use_pytorch_cross_attention"]}
+INV_ADAPTER_FILE = "bench-sd15-inv.safetensors"
 SD15_COMFY_UNET = dict(
     image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2],
     channel_mult=(1, 2, 4, 4), num_heads=8, use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
@@ -69,6 +75,45 @@ def write_weights_files(folder: Path, gate: float = 0.5) -> dict[str, str]:
         files[dtype] = f"bench-sd15-{dtype}.safetensors"
         save_idadapter(folder / files[dtype], adapter, dtype=torch.float16 if dtype == "fp16" else torch.float32)
     return files
+
+
+def write_inv_adapter_file(folder: Path) -> str:
+    """The sd15 Inv-Adapter of inv_adapter_cost.py (open gates, non-zero cross branch), as an fp32 file."""
+    from bench.inv_adapter_cost import open_adapter
+    from idadapter_core.inv_adapter import save_inv_adapter
+    from idadapter_core.presets import get_preset
+
+    save_inv_adapter(folder / INV_ADAPTER_FILE, open_adapter(get_preset("sd15")))
+    return INV_ADAPTER_FILE
+
+
+def inv_adapter_variants(pack, model, folder: str, latent: int, prefix: str) -> dict:
+    """Apply Inv-Adapter on `model` with a random 10-step reference trajectory: cold, cached and (where the pack has
+    it) the faster mode."""
+    import comfy.model_management
+    import folder_paths
+
+    nodes = importlib.import_module(f"{pack.__name__}.nodes.inv_adapter_nodes")
+    binding = importlib.import_module(f"{pack.__name__}.nodes.inv_adapter_binding")
+    inversion = importlib.import_module(f"{pack.__name__}.idadapter_core.inv_adapter")
+    folder_paths.add_model_folder_path("inv_adapter", folder, is_default=True)
+    adapter = nodes.LoadInvAdapter.execute(INV_ADAPTER_FILE).result[0]
+    g = torch.Generator().manual_seed(2)
+    sigmas = inversion.inversion_sigmas(model.get_model_object("model_sampling").sigmas, 10)
+    reference = inversion.ReferenceTrajectory(
+        sigmas, torch.randn(len(sigmas), 1, 4, latent, latent, generator=g),
+        {"c_crossattn": torch.randn(1, 77, 768, generator=g).to(comfy.model_management.intermediate_device())},
+        binding.model_key(model),
+    )
+    inputs = {i.id for i in nodes.ApplyInvAdapter.GET_SCHEMA().inputs}
+
+    def apply(**options):
+        return nodes.ApplyInvAdapter.execute(model, adapter, reference, 1.0, 0.0, 1.0, **options).result[0]
+
+    variants = {f"{prefix}inv-cold": apply(cache_features=False), f"{prefix}inv-cached": apply(cache_features=True)}
+    if "blocks" in inputs:
+        variants[f"{prefix}inv-fast"] = apply(cache_features=False, blocks="skip highest resolution")
+    return variants
 
 
 def nodes_of(pack):
@@ -103,9 +148,10 @@ def worker(args: argparse.Namespace) -> dict:
 
     from idadapter_core import IdentityEmbeds
 
-    packs = {"": nodes_of(import_pack())}
+    pack_modules = {"": import_pack()}
     if args.before:
-        packs["before-"] = nodes_of(import_pack(Path(args.before), "comfyui_idadapter_before"))
+        pack_modules["before-"] = import_pack(Path(args.before), "comfyui_idadapter_before")
+    packs = {prefix: nodes_of(pack) for prefix, pack in pack_modules.items()}
     folder_paths.add_model_folder_path("idadapter", args.weights_dir, is_default=True)
     files = json.loads(args.files)
 
@@ -138,7 +184,11 @@ def worker(args: argparse.Namespace) -> dict:
                 left_half = torch.zeros(1, args.latent * 8, args.latent * 8)
                 left_half[..., : args.latent * 4] = 1.0
                 variants["masked"] = apply(mask=left_half)
-    variants = {name: m for name, m in variants.items() if name in args.variants.split(",")}
+    wanted = args.variants.split(",")
+    for prefix, pack in pack_modules.items():
+        if any(name.startswith(f"{prefix}inv-") for name in wanted):
+            variants.update(inv_adapter_variants(pack, model, args.weights_dir, args.latent, prefix))
+    variants = {name: m for name, m in variants.items() if name in wanted}
 
     def run(patched) -> list[float]:
         marks = [time.perf_counter()]
@@ -227,7 +277,8 @@ def run_host(argv: list[str]) -> int:
     """Parent: writes the weights files, runs one worker per attention mode, prints the table."""
     parser = argparse.ArgumentParser(prog="step_overhead.py --host")
     parser.add_argument("--attention", default="default,pytorch", help="comma list of: default, pytorch")
-    parser.add_argument("--variants", default="base,fp16,fp32,fast,kv-only,masked,before-fp16,before-fp32")
+    parser.add_argument("--variants", default="base,fp16,fp32,fast,kv-only,masked,inv-cold,inv-cached,inv-fast,"
+                                              "before-fp16,before-fp32,before-inv-cold")
     parser.add_argument("--before", help="a checkout of the pack to compare with (before-* variants)")
     parser.add_argument("--latent", type=int, default=64, help="latent size (64: 512² px)")
     parser.add_argument("--tokens", type=int, default=1025, help="E_r length (1025: 4 references x 256 + 1)")
@@ -241,6 +292,7 @@ def run_host(argv: list[str]) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="idadapter-bench-") as folder:
         files = write_weights_files(Path(folder))
+        write_inv_adapter_file(Path(folder))
         for index, attention in enumerate(args.attention.split(",")):
             out = Path(folder) / f"{attention}.json"
             command = [sys.executable, __file__, "--attention", attention, "--weights-dir", folder,

@@ -16,14 +16,17 @@ import functools
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
+import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
+from comfy.ldm.modules.attention import attention_pytorch
 
 from ..idadapter_core.errors import IDAdapterError, IncompatibleWeightsError
 from ..idadapter_core.face import FaceAnalyzer, align_reference, detect_face, to_rgb_uint8
@@ -31,10 +34,11 @@ from ..idadapter_core.inv_adapter import EAAReferenceKV, ReferenceTrajectory, dd
 from ..idadapter_core.masks import RegionMask
 from ..idadapter_core.presets import check_layout
 from ..idadapter_core.schedule import (
-    NEGATIVE_IDENTITY_MODES, StepWindow, check_schedule, identity_in_negative, require_finite,
+    BLOCK_MODES, NEGATIVE_IDENTITY_MODES, StepWindow, adapter_blocks, check_schedule, identity_in_negative, require_finite,
 )
 from .comfy_binding import (
-    LoadedAdapter, block_mask, describe_unet, mask_covers_nothing, model_prediction, negative_chunks, positive_rows,
+    LoadedAdapter, adapter_attention, block_mask, describe_unet, mask_covers_nothing, model_prediction, negative_chunks,
+    positive_rows,
 )
 from .comfy_patches import SharedPatch, comfy_attention, set_attention_replace
 
@@ -188,9 +192,13 @@ def references_as_tokens(features: torch.Tensor) -> torch.Tensor:
     return features.reshape(1, -1, features.shape[-1])
 
 
+class _ReferencePassDone(Exception):
+    """Raised by the recording patch once every block the EAA needs is recorded: ends the reference pass early."""
+
+
 @dataclass
 class _Bank:
-    references: list[EAAReferenceKV] | None = None
+    references: dict[int, EAAReferenceKV] | None = None
     """The EAA's projections of the current step's reference features (None: the EAA is off this step)."""
 
 
@@ -201,8 +209,11 @@ class InvAdapterPatch(SharedPatch):
 
     def __init__(self, adapter: LoadedAdapter, reference: ReferenceTrajectory, weight: float, window: StepWindow,
                  first_block: tuple[int, ...], reference_sigma: float | None, cache_features: bool,
-                 region: RegionMask | None = None, identity_in_negative: bool = False) -> None:
+                 region: RegionMask | None = None, identity_in_negative: bool = False,
+                 blocks: frozenset[int] | None = None) -> None:
         self.adapter = adapter
+        self.blocks = frozenset(range(len(adapter.model.blocks))) if blocks is None else blocks
+        """The transformer blocks the EAA acts in (forward order); the reference pass stops after the last of them."""
         self.identity_in_negative = identity_in_negative
         self.region = region
         self.reference = reference
@@ -212,15 +223,20 @@ class InvAdapterPatch(SharedPatch):
         self.reference_sigma = reference_sigma
         self.cache_features = cache_features
         self.bank = _Bank()
-        self._features: dict[tuple, list[torch.Tensor]] = {}
+        self._features: dict[tuple, dict[int, torch.Tensor]] = {}
         self._recording: dict[int, torch.Tensor] | None = None
 
     def block_index(self, extra_options: dict) -> int:
         return self.first_block[extra_options["transformer_index"]] + extra_options.get("block_index", 0)
 
     def record(self, n, context_attn1, value_attn1, extra_options):
-        """attn1_patch of the reference pass: keep the block's self-attention input."""
-        self._recording[self.block_index(extra_options)] = n
+        """attn1_patch of the reference pass: keep the self-attention input of the blocks the EAA acts in, and end the
+        pass once the last of them is recorded (the rest of the UNet would compute nothing the EAA uses)."""
+        index = self.block_index(extra_options)
+        if index in self.blocks:
+            self._recording[index] = n
+            if len(self._recording) == len(self.blocks):
+                raise _ReferencePassDone
         return n, context_attn1, value_attn1
 
     def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
@@ -229,15 +245,35 @@ class InvAdapterPatch(SharedPatch):
         if self.weight == 0 or only_negative or not self.window.contains(sigmas):
             self.bank.references = None
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        features = self._reference_features(executor, x, float(sigmas.detach().max()), transformer_options)
-        with torch.no_grad():
-            self.bank.references = self.adapter.model.blocks.reference_kv(features)
+        self.bank.references = self.step_references(executor, x, float(sigmas.detach().max()), transformer_options)
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             self.bank.references = None
 
-    def _reference_features(self, executor, x: torch.Tensor, sigma: float, transformer_options: dict) -> list[torch.Tensor]:
+    def step_references(self, executor, x: torch.Tensor, sigma: float, transformer_options: dict) -> dict[int, EAAReferenceKV]:
+        """The EAA's projections of the reference features at noise level `sigma`, per block it acts in."""
+        return self.references_of(self._reference_features(executor, x, sigma, transformer_options))
+
+    def references_of(self, features: dict[int, torch.Tensor]) -> dict[int, EAAReferenceKV]:
+        blocks = self.adapter.model.blocks
+        with torch.no_grad():
+            return {index: blocks[index].reference_kv(feature) for index, feature in features.items()}
+
+    def recorded_features(self, run: Callable[[dict], object]) -> dict[int, torch.Tensor]:
+        """The self-attention inputs of the EAA's blocks in `run(patches)`, a UNet call with these `patches`; the call
+        ends once the last of them is recorded."""
+        self._recording = {}
+        try:
+            with torch.no_grad():
+                run({"attn1_patch": [self.record]})
+        except _ReferencePassDone:
+            pass
+        finally:
+            recorded, self._recording = self._recording, None
+        return {block: references_as_tokens(recorded[block]) for block in sorted(self.blocks)}
+
+    def _reference_features(self, executor, x: torch.Tensor, sigma: float, transformer_options: dict) -> dict[int, torch.Tensor]:
         reference = self.reference
         index = reference.index_for(sigma, self.reference_sigma)
         key = (index, x.device, x.dtype)
@@ -248,14 +284,11 @@ class InvAdapterPatch(SharedPatch):
         conditioning = {name: value.to(x.device).expand(latent.shape[0], *value.shape[1:])
                         for name, value in reference.conditioning.items()}
         options = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
-        options.update(patches={"attn1_patch": [self.record]}, sigmas=sigma_ref, cond_or_uncond=[1])
-        self._recording = {}
-        try:
-            with torch.no_grad():
-                executor(latent, sigma_ref, None, conditioning.pop("c_crossattn"), None, options, **conditioning)
-            features = [references_as_tokens(self._recording[i]) for i in range(len(self._recording))]
-        finally:
-            self._recording = None
+        options.update(sigmas=sigma_ref, cond_or_uncond=[1])
+        context = conditioning.pop("c_crossattn")
+        features = self.recorded_features(
+            lambda patches: executor(latent, sigma_ref, None, context, None, dict(options, patches=patches), **conditioning)
+        )
         if self.cache_features:
             self._features[key] = features
         return features
@@ -275,6 +308,16 @@ class InvAdapterPatch(SharedPatch):
         self.bank.references = None
         if self.region is not None:
             self.region.clear()
+
+
+def runs_unet_kernel(inner, extra_options: dict) -> bool:
+    """Whether the block's own self-attention is plain PyTorch SDPA: no other patch chained (`inner` is ComfyUI's own
+    attention), --use-pytorch-cross-attention, no attention override. There the EAA's kernel (on CPU the same flash
+    attention, with its log-sum-exp: `idadapter_core.attention.attention_with_lse`) gives the own part too, so the
+    rows it acts on are not attended twice; elsewhere ComfyUI computes the own part (exact, as a region mask and
+    chained patches need it) and the EAA the change only."""
+    return (inner is comfy_attention and comfy.ldm.modules.attention.optimized_attention is attention_pytorch
+            and "optimized_attention_override" not in extra_options)
 
 
 class EAAAttention(SharedPatch):
@@ -298,21 +341,34 @@ class EAAAttention(SharedPatch):
         if rows is not None and rows.numel() == 0:
             return inner(q, k, v, extra_options)
         index = self.patch.block_index(extra_options)
+        if index not in references:
+            return inner(q, k, v, extra_options)
         block = self.patch.adapter.model.blocks[index]
         attend = functools.partial(
             block.cross_attention if self.cross else block.self_attention,
             ref=references[index], heads=extra_options["n_heads"], weight=self.patch.weight,
-            attention=lambda q, k, v, heads: comfy_attention(q, k, v, extra_options),
+            attention=functools.partial(adapter_attention(q.device), attn_precision=extra_options.get("attn_precision"),
+                                        transformer_options=extra_options),
         )
         mask_values = None if mask is None or mask.is_full else mask.values
+        own_from_kernel = not self.cross and mask_values is None and runs_unet_kernel(inner, extra_options)
+        inner_own = None if own_from_kernel else (lambda q, k, v, heads: inner(q, k, v, extra_options))
         if rows is None:
-            return attend(q, k, v, own_attention=lambda q, k, v, heads: inner(q, k, v, extra_options), mask=mask_values)
+            return attend(q, k, v, own_attention=inner_own, mask=mask_values)
         # Guidance over the identity: the negative rows keep the block's own output, the EAA runs on the others only.
-        own = inner(q, k, v, extra_options)
         pick = functools.partial(torch.index_select, dim=0, index=rows)
+        if own_from_kernel:  # the positive rows' own part comes with the EAA's kernel: ComfyUI's runs on the others
+            negatives = negative_chunks(extra_options)
+            size = q.shape[0] // len(negatives)
+            others = torch.cat([torch.arange(i * size, (i + 1) * size) for i, n in enumerate(negatives) if n]).to(q.device)
+            own = inner(*(t.index_select(0, others) for t in (q, k, v)), extra_options)
+            own = own.new_empty(q.shape[0], *own.shape[1:]).index_copy_(0, others, own)
+        else:
+            own = inner(q, k, v, extra_options)
+            inner_own = lambda *_: pick(own)  # noqa: E731
         if mask_values is not None and mask_values.shape[0] > 1:
             mask_values = pick(mask_values)
-        added = attend(pick(q), pick(k), pick(v), own_attention=lambda *_: pick(own), mask=mask_values)
+        added = attend(pick(q), pick(k), pick(v), own_attention=inner_own, mask=mask_values)
         return own.index_copy(0, rows, added)
 
     def to(self, device_or_dtype):
@@ -325,9 +381,11 @@ class EAAAttention(SharedPatch):
 
 def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTrajectory, weight: float, start_at: float,
                       end_at: float, reference_timestep: int = -1, cache_features: bool = True,
-                      mask: torch.Tensor | None = None, negative_identity: str = NEGATIVE_IDENTITY_MODES[0]):
+                      mask: torch.Tensor | None = None, negative_identity: str = NEGATIVE_IDENTITY_MODES[0],
+                      blocks_mode: str = BLOCK_MODES[0]):
     """A clone of MODEL running the reference pass and the EAA (confined to `mask` when given, scaled by its value;
-    on CFG's negative half too only with `negative_identity` = "same as positive"); the input MODEL is untouched."""
+    on CFG's negative half too only with `negative_identity` = "same as positive"; in the blocks of `blocks_mode`);
+    the input MODEL is untouched."""
     in_negative = identity_in_negative(negative_identity)
     region = None if mask is None else RegionMask(mask)
     unet = model.get_model_object("diffusion_model")
@@ -340,7 +398,7 @@ def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTraject
     reference_sigma = None if reference_timestep < 0 else float(model_sampling.sigmas[min(reference_timestep, len(model_sampling.sigmas) - 1)])
     window = StepWindow(float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
     patch = InvAdapterPatch(adapter, reference, weight, window, blocks.first_block, reference_sigma, cache_features,
-                            region, in_negative)
+                            region, in_negative, adapter_blocks(blocks.layout, blocks_mode))
     patched = model.clone()
     if mask_covers_nothing(region, "Apply Inv-Adapter"):
         return patched

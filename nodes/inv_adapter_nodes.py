@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..idadapter_core.face import as_face_analyzer
 from ..idadapter_core.inv_adapter import load_inv_adapter
-from ..idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
+from ..idadapter_core.schedule import BLOCK_MODES, NEGATIVE_IDENTITY_MODES
 from .comfy_binding import load_adapter_for_comfy, register_weights_folder
 from .inv_adapter_binding import apply_inv_adapter, crop_reference_face, invert_reference
 from .pack_types import CATEGORY, InvAdapterType, InvReferenceType, PackNode, identity_in_negative_input
@@ -109,6 +109,12 @@ class ApplyInvAdapter(PackNode):
                                  tooltip="Keep each step's reference features, so the next generation skips the reference "
                                          "pass (about 46 MB per step for SD1.5 at 512x512 in fp32)."),
                 identity_in_negative_input(),
+                io.Combo.Input(
+                    "blocks", options=list(BLOCK_MODES), default=BLOCK_MODES[0], optional=True, advanced=True,
+                    tooltip="'all': the EAA in every transformer block (the paper). 'skip highest resolution': not in "
+                            "the blocks of the largest feature maps, which hold most of its cost (README, Speed); not "
+                            "part of the paper, so check the likeness.",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
@@ -116,9 +122,9 @@ class ApplyInvAdapter(PackNode):
     @classmethod
     def execute(cls, model, inv_adapter, reference, weight: float, start_at: float, end_at: float, mask=None,
                 reference_timestep: int = -1, cache_features: bool = True,
-                identity_in_negative: str = NEGATIVE_IDENTITY_MODES[0]) -> io.NodeOutput:
+                identity_in_negative: str = NEGATIVE_IDENTITY_MODES[0], blocks: str = BLOCK_MODES[0]) -> io.NodeOutput:
         return io.NodeOutput(apply_inv_adapter(model, inv_adapter, reference, weight, start_at, end_at,
-                                               reference_timestep, cache_features, mask, identity_in_negative))
+                                               reference_timestep, cache_features, mask, identity_in_negative, blocks))
 
 
 INV_ADAPTER_NODES = [LoadInvAdapter, InvertReference, ApplyInvAdapter]

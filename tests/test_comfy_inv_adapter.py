@@ -130,11 +130,8 @@ def test_parity_with_the_diffusers_binding(host):
     t = torch.tensor([600.0, 600.0])
     options = patched.model_options["transformer_options"]
     with torch.no_grad():
-        patch._recording = {}
-        comfy_unet(ref, t[:1], context[:1], transformer_options={"patches": {"attn1_patch": [patch.record]}})
-        features = [patch._recording[i] for i in range(len(patch._recording))]
-        patch._recording = None
-        patch.bank.references = adapter.model.blocks.reference_kv(features)
+        features = patch.recorded_features(lambda patches: comfy_unet(ref, t[:1], context[:1], transformer_options={"patches": patches}))
+        patch.bank.references = patch.references_of(features)
         ours = comfy_unet(x, t, context, transformer_options={"patches_replace": options["patches_replace"]})
         patch.bank.references = None
         bare = comfy_unet(x, t, context, transformer_options={})

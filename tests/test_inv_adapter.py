@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_unet_config
+from idadapter_core.attention import has_lse_attention, sdpa_attention
 from idadapter_core.errors import IncompatibleWeightsError, WeightsFormatError
 from idadapter_core.hosts import layout_from_diffusers_unet, transformer_blocks_in_forward_order
 from idadapter_core.hosts.diffusers_inv_adapter import DiffusersInvAdapter, diffusers_denoiser
@@ -51,6 +52,35 @@ def test_eaa_is_attention_over_the_appended_reference_and_a_decoupled_cross_atte
     torch.testing.assert_close(block.self_attention(q, k, v, ref, heads=2), appended, atol=1e-5, rtol=1e-5)
     decoupled = attend(q, text_k, text_v) + 0.5 * attend(q, ref.cross_key.expand(2, -1, -1), ref.cross_value.expand(2, -1, -1))
     torch.testing.assert_close(block.cross_attention(q, text_k, text_v, ref, heads=2, weight=0.5), decoupled, atol=1e-5, rtol=1e-5)
+
+
+def test_eaa_self_attention_merged_by_log_sum_exp_equals_the_appended_form():
+    """Without gradients on CPU the change Attn(Q, [K; K'], [V; V']) − Attn(Q, K, V) comes from two attentions merged
+    by their log-sum-exp; it equals the appended form (what training computes), with and without the host's own
+    kernel for the own part and a mask."""
+    torch.manual_seed(0)
+    block = EAABlock(32)
+    with torch.no_grad():
+        block.self_gate.fill_(0.4)
+    q, k, v = (torch.randn(2, 48, 32) * 3 for _ in range(3))
+    ref = block.reference_kv(torch.randn(1, 40, 32) * 3)
+    mask = torch.rand(2, 48, 1)
+    def own(q, k, v, heads):  # the host's own kernel: plain softmax attention, the same in math
+        q, k, v = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+        return (weights @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    appended = [block.self_attention(q, k, v, ref, heads=4, weight=0.8, own_attention=o, mask=m).detach()
+                for o in (None, own) for m in (None, mask)]
+    assert not has_lse_attention(q, block.self_gate)  # with gradients: the appended form
+    with torch.no_grad():
+        assert has_lse_attention(q, block.self_gate)
+        merged = [block.self_attention(q, k, v, ref, heads=4, weight=0.8, own_attention=o, mask=m)
+                  for o in (None, own) for m in (None, mask)]
+        assert torch.equal(block.self_attention(q, k, v, ref, heads=4, weight=0.0, own_attention=own), own(q, k, v, 4))
+    for fast, slow in zip(merged, appended):
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert (appended[0] - sdpa_attention(q, k, v, 4)).abs().max() > 1e-2  # the reference changes the output
 
 
 @pytest.fixture

@@ -19,9 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from ..attention import AttentionFn, Operations, sdpa_attention
+from ..attention import (
+    AttentionFn, Operations, attention_with_lse, has_lse_attention, merged_attention_change, sdpa_attention,
+)
 from ..presets import UNetLayout
 
 
@@ -67,15 +70,28 @@ class EAABlock(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of the block's own q/k/v (already projected), with the reference tokens appended through the gate.
-        `own_attention` computes the block's own part where a host chains another patch there (default `attention`);
-        `mask` ((B or 1, T, 1)) scales what the reference adds, per token."""
-        own = (own_attention or attention)(q, k, v, heads)
+        `own_attention` computes the block's own part where a host needs its exact output (another patch chained
+        there, or bit-exact regions); without it the own part comes from the kernel that computes the change.
+        `mask` ((B or 1, T, 1)) scales what the reference adds, per token.
+
+        Where `has_lse_attention` (CPU), Attn(Q, [K; K'], [V; V']) − Attn(Q, K, V) is formed from Attn(Q, K, V) and
+        Attn(Q, K', V') merged by their log-sum-exp (`merged_attention_change`): the own keys are attended once, not
+        again with the reference ones appended (exact in math; 1e-6 apart in float32). Both forms are the same when
+        `own_attention` is plain attention; where another patch changes the own part, this one adds the change of
+        plain attention to it, the appended form blends towards plain attention."""
         if weight == 0:
-            return own
-        mix = weight * torch.tanh(self.self_gate.to(own))  # a closed gate adds an exact 0 (and still trains)
+            return (own_attention or attention)(q, k, v, heads)
+        mix = weight * torch.tanh(self.self_gate.to(q))  # a closed gate adds an exact 0 (and still trains)
         ref = ref.for_batch(q.shape[0])
-        both = attention(q, torch.cat([k, ref.self_key.to(k)], dim=1), torch.cat([v, ref.self_value.to(v)], dim=1), heads)
-        added = mix * (both - own)
+        ref_key, ref_value = ref.self_key.to(k), ref.self_value.to(v)
+        if has_lse_attention(q, k, v, ref_key, ref_value, self.self_gate):
+            own_part = attention_with_lse(q, k, v, heads)
+            change = merged_attention_change(own_part, attention_with_lse(q, ref_key, ref_value, heads))
+            own = rearrange(own_part[0], "b h n d -> b n (h d)") if own_attention is None else own_attention(q, k, v, heads)
+        else:
+            own = (own_attention or attention)(q, k, v, heads)
+            change = attention(q, torch.cat([k, ref_key], dim=1), torch.cat([v, ref_value], dim=1), heads) - own
+        added = change.mul_(mix)
         return own + (added if mask is None else added.mul_(mask))
 
     def cross_attention(
