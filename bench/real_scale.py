@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -214,19 +215,56 @@ class CommandResult:
     stopped: str = ""
     """Why it was killed: 'memory cap' or 'on purpose' (the resume test); '' when it ran to its end."""
     tail: str = ""
+    peak_gpu_gib: float = 0.0
+    """GPU memory the process held at most (nvidia-smi, sampled every second), on a CUDA machine."""
+    seconds_per_step: float | None = None
+    """fit: tqdm's last rate (the loop alone, after the models loaded)."""
+    losses: list[float] = field(default_factory=list)
+    """fit: the step losses tqdm showed."""
+
+
+TQDM_RATE = re.compile(r"(\d+(?:\.\d+)?)(s/it|it/s)")
+TQDM_LOSS = re.compile(r"loss=([-+\w.]+)")
+
+
+def read_progress(log_text: str) -> tuple[float | None, list[float]]:
+    """(seconds per step, losses) from the tqdm lines of a fit log."""
+    lines = [line for line in re.split(r"[\r\n]", log_text) if line.startswith("fit:")]
+    rate = None
+    for line in lines:
+        match = TQDM_RATE.search(line.split("]")[0] + "]") if "]" in line else None
+        if match:
+            value = float(match.group(1))
+            rate = value if match.group(2) == "s/it" else (1.0 / value if value else None)
+    losses = [float(m) for line in lines for m in TQDM_LOSS.findall(line)]
+    return rate, losses
+
+
+def gpu_memory_gib(pid: int) -> float:
+    """GPU memory held by process `pid` (nvidia-smi; 0 without it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0.0
+    used = [float(row.split(",")[1]) for row in out.strip().splitlines() if row.split(",")[0].strip() == str(pid)]
+    return sum(used) / 1024
 
 
 def run_command(name: str, argv: list[str], cap_gib: float, log_file: Path,
-                kill_when: Callable[[], bool] | None = None, env: dict | None = None) -> CommandResult:
-    """Run `argv` (nice 10, as shared machines need), sampling its RSS every 0.1 s; SIGKILL it when RSS passes
-    `cap_gib` or when `kill_when()` turns true."""
+                kill_when: Callable[[], bool] | None = None, env: dict | None = None, gpu: bool = False) -> CommandResult:
+    """Run `argv` (nice 10, as shared machines need), sampling its RSS every 0.1 s (and with `gpu` its GPU memory
+    every second); SIGKILL it when RSS passes `cap_gib` or when `kill_when()` turns true."""
     started = time.perf_counter()
     with open(log_file, "w") as out:
         process = subprocess.Popen(["nice", "-n", "10", *argv], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})
-        peak, stopped = 0, ""
+        peak, peak_gpu, stopped, samples = 0, 0.0, "", 0
         while process.poll() is None:
             peak = max(peak, rss_bytes(process.pid))
+            samples += 1
+            if gpu and samples % 10 == 0:
+                peak_gpu = max(peak_gpu, gpu_memory_gib(process.pid))
             if peak > cap_gib * GIB:
                 stopped = "memory cap"
             elif kill_when is not None and kill_when():
@@ -237,8 +275,10 @@ def run_command(name: str, argv: list[str], cap_gib: float, log_file: Path,
                 break
             time.sleep(0.1)
     seconds = time.perf_counter() - started
-    tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
-    result = CommandResult(name, seconds, peak / GIB, process.returncode, stopped, tail)
+    text = log_file.read_text(errors="replace")
+    tail = "\n".join(text.splitlines()[-15:])
+    rate, losses = read_progress(text)
+    result = CommandResult(name, seconds, peak / GIB, process.returncode, stopped, tail, peak_gpu, rate, losses)
     log.info("%s: %.0f s, peak RSS %.2f GiB, exit %s%s", name, seconds, peak / GIB, process.returncode,
              f" (killed: {stopped})" if stopped else "")
     if process.returncode != 0 and not stopped:
@@ -272,6 +312,8 @@ class Settings:
     threads: int
     mixed_precision: str
     gradient_checkpointing: bool = True
+    device: str = "cpu"
+    """'cuda' on a GPU machine (scripts/gpu_check.sh): fit runs there, the parts are measured in CUDA memory."""
     parts_resolution: int = 256
     """Resolution of the parts' batch-1/2 measurements (one batch-1 step at `resolution` gives the scaling)."""
     inversion_steps: int = 2
@@ -285,15 +327,23 @@ def python(*args: str) -> list[str]:
 def fit_arguments(settings: Settings, folders: ModelFolders, cache: Path, out: Path, method: str) -> list[str]:
     args = ["-m", "train", "fit", "--method", method, "--cache", str(cache), "--output-dir", str(out),
             "--pretrained", str(folders.base), "--num-refs", str(NUM_REFS), "--batch-size", str(settings.batch_size),
-            "--resolution", str(settings.resolution), "--max-steps", str(settings.steps), "--checkpoint-every", "1",
-            "--log-with", "none", "--deterministic", "--cpu", "--mixed-precision", settings.mixed_precision,
+            "--resolution", str(settings.resolution), "--max-steps", str(settings.steps),
+            "--checkpoint-every", str(kill_step(settings)), "--log-with", "none", "--deterministic",
+            "--mixed-precision", settings.mixed_precision,
             "--gradient-checkpointing" if settings.gradient_checkpointing else "--no-gradient-checkpointing"]
+    if settings.device == "cpu":
+        args.append("--cpu")
     if method == "idadapter":
         args += ["--clip-vision", str(folders.clip_vision), "--insightface-root", str(folders.insightface_root),
                  "--face-id-weight", str(FACE_ID_WEIGHT)]
     else:
         args += ["--reference-features", "inversion", "--inversion-steps", str(settings.inversion_steps)]
     return python(*args)
+
+
+def kill_step(settings: Settings) -> int:
+    """The checkpoint after which the resumed run is killed: halfway (also the checkpoint interval)."""
+    return max(1, settings.steps // 2)
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -311,6 +361,7 @@ def rehearse(settings: Settings, folders: ModelFolders, workdir: Path) -> dict:
     logs.mkdir(exist_ok=True)
     env = {"OMP_NUM_THREADS": str(settings.threads)}
     cap = settings.memory_cap_gib
+    gpu = settings.device == "cuda"
     cache = workdir / "cache"
     commands = [run_command("prepare", python(
         "-m", "train", "prepare", str(folders.photos), "--out", str(cache), "--insightface-root",
@@ -326,13 +377,13 @@ def rehearse(settings: Settings, folders: ModelFolders, workdir: Path) -> dict:
             shutil.rmtree(folder, ignore_errors=True)
         fit = fit_arguments(settings, folders, cache, straight, method)
         commands.append(run_command(f"{method}: fit {settings.steps} steps", fit, cap, logs / f"{method}-fit.log",
-                                    env=env))
-        first = resumed / CHECKPOINTS_DIR / checkpoint_name(1)
+                                    env=env, gpu=gpu))
+        first = resumed / CHECKPOINTS_DIR / checkpoint_name(kill_step(settings))
         killed = fit_arguments(settings, folders, cache, resumed, method)
-        commands.append(run_command(f"{method}: fit, killed after step 1's checkpoint", killed, cap,
-                                    logs / f"{method}-killed.log", kill_when=first.is_dir, env=env))
+        commands.append(run_command(f"{method}: fit, killed after step {kill_step(settings)}'s checkpoint", killed,
+                                    cap, logs / f"{method}-killed.log", kill_when=first.is_dir, env=env, gpu=gpu))
         commands.append(run_command(f"{method}: fit --resume latest", [*killed, "--resume", "latest"], cap,
-                                    logs / f"{method}-resumed.log", env=env))
+                                    logs / f"{method}-resumed.log", env=env, gpu=gpu))
         ends = [folder / CHECKPOINTS_DIR / final / ADAPTER_FILE for folder in (straight, resumed)]
         results["resume_exact"][method] = all(p.is_file() for p in ends) and same_weights(*ends)
         exported = workdir / f"{method}.safetensors"
@@ -344,22 +395,32 @@ def rehearse(settings: Settings, folders: ModelFolders, workdir: Path) -> dict:
                 "-m", "train", "eval", str(exported), "--pretrained", str(folders.base), "--clip-vision",
                 str(folders.clip_vision), "--insightface-root", str(folders.insightface_root), "--references",
                 str(folders.photos / "obama"), "--prompt", "a portrait photo", "--steps", "2", "--batch-size", "1",
-                "--resolution", str(settings.resolution), "--device", "cpu", "--dtype", "fp32",
-                "--out", str(workdir / "eval")), cap, logs / f"{method}-eval.log", env=env))
-        results["losses_finite"] = results.get("losses_finite", True) and all(
-            "nan" not in c.tail.lower() for c in commands)
+                "--resolution", str(settings.resolution), "--device", settings.device,
+                "--out", str(workdir / "eval")), cap, logs / f"{method}-eval.log", env=env, gpu=gpu))
+    fits = [c for c in commands if "fit" in c.name]
+    results["losses_finite"] = bool(fits) and all(c.losses and all(map(math.isfinite, c.losses)) for c in fits)
     return results
 
 
 # ---- 2. memory of each part (run in a subprocess of its own) -----------------------------------------------------
 
-class PeakRSS:
-    """The highest RSS of this process while the block runs, above its RSS when the block starts (sampled every
-    5 ms; glibc's mmap threshold is fixed low by the caller so that freed tensors return to the system)."""
+class PeakMemory:
+    """The most memory this process held while the block ran, above what it held when the block started: on the CPU
+    its RSS (sampled every 5 ms; glibc's mmap threshold is fixed low by the caller so that freed tensors return to the
+    system), on a GPU torch's CUDA allocator statistics."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> "PeakMemory":
         import ctypes
 
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            self.started = time.perf_counter()
+            return self
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.start = rss_bytes(os.getpid())
         self.peak = self.start
@@ -375,6 +436,11 @@ class PeakRSS:
             time.sleep(0.005)
 
     def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.started
+            self.peak = torch.cuda.max_memory_allocated()
+            return
         self.seconds = time.perf_counter() - self.started
         self._running = False
         self._thread.join()
@@ -434,6 +500,9 @@ def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: P
     from train.models import load_base_model
 
     torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    weight_dtype = torch.bfloat16 if settings.mixed_precision == "bf16" else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=weight_dtype is not None)
     config = resolve_config(None, dict(cache="unused", output_dir="unused", pretrained=str(folders.base),
                                        clip_vision=str(folders.clip_vision), face_id_weight=0.0, method=method))
     base = load_base_model(config)
@@ -463,6 +532,7 @@ def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: P
     step.train()
     trainable = list(adapter.parameters())
     parts = dict(
+        device=settings.device, activation_dtype="bf16" if weight_dtype is not None else "fp32",
         frozen_gib_fp32=dict(
             unet=tensor_gib(base.unet.parameters()), text_encoders=tensor_gib(p for m in base.text.modules()
                                                                             for p in m.parameters()),
@@ -471,6 +541,10 @@ def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: P
             face_recognizer=tensor_gib(recognizer_params) if method == "idadapter" else 0.0),
         trainable_params=sum(p.numel() for p in trainable), trainable_gib=tensor_gib(trainable),
         steps=[], decode=[])
+    for module in (base.unet, *base.text.modules()):  # as train.fit.build_training_step places them
+        module.to(device) if weight_dtype is None else module.to(device, weight_dtype)
+    base.vae.to(device)
+    adapter.to(device)
 
     def save() -> None:
         out.write_text(json.dumps(parts, indent=2))
@@ -487,9 +561,10 @@ def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: P
                 return
         base.unet.enable_gradient_checkpointing() if checkpointing else base.unet.disable_gradient_checkpointing()
         adapter.zero_grad(set_to_none=True)
-        inputs = make_batch(batch, resolution)
-        with PeakRSS() as peak:
-            losses = step(inputs)
+        inputs = on_device(make_batch(batch, resolution), device)
+        with PeakMemory(device) as peak:
+            with autocast:
+                losses = step(inputs)
             losses["loss"].backward()
         step.release()
         entry.update(peak_above_models_gib=peak.above_start_gib, seconds=peak.seconds,
@@ -502,9 +577,10 @@ def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: P
 
     def face_id_decode(batch: int, checkpointing: bool, resolution: int) -> None:
         base.vae.enable_gradient_checkpointing() if checkpointing else base.vae.disable_gradient_checkpointing()
-        latents = torch.randn(batch, 4, resolution // 8, resolution // 8, requires_grad=True)
-        with PeakRSS() as peak:
-            decode_latents(base.vae, latents).mean().backward()
+        latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device, requires_grad=True)
+        with PeakMemory(device) as peak:
+            with autocast:
+                decode_latents(base.vae, latents).mean().backward()
         parts["decode"].append(dict(batch=batch, gradient_checkpointing=checkpointing, resolution=resolution,
                                     peak_above_models_gib=peak.above_start_gib, seconds=peak.seconds))
         save()
@@ -526,12 +602,26 @@ def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: P
     return parts
 
 
+def on_device(batch, device: torch.device):
+    """A batch dataclass with its tensors (and dicts of tensors) moved to `device`."""
+    from dataclasses import fields, replace
+
+    moved = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if torch.is_tensor(value):
+            moved[f.name] = value.to(device)
+        elif isinstance(value, dict):
+            moved[f.name] = {k: v.to(device) for k, v in value.items()}
+    return replace(batch, **moved)
+
+
 def optimizer_state(trainable: list[torch.nn.Parameter]) -> dict:
     """Bytes of Adam's state after one step (gradients of ones), and of bitsandbytes' Adam8bit when it imports."""
     out = {}
     for p in trainable:
         p.grad = torch.ones_like(p)
-    optimizers = {"adam": lambda: torch.optim.Adam(trainable, lr=1e-6)}
+    optimizers: dict[str, Callable[[], torch.optim.Optimizer]] = {"adam": lambda: torch.optim.Adam(trainable, lr=1e-6)}
     try:
         import bitsandbytes
 
@@ -717,7 +807,7 @@ def project(parts: dict, counted: dict, base: str, method: str) -> dict:
     steps = [s for s in parts["steps"] if "peak_above_models_gib" in s]
     low = [s for s in steps if s["resolution"] == parts["parts_resolution"]]
     own = counted[measured_base][method]
-    bf16_ratio = own["bf16"]["saved_gib"] / own["fp32"]["saved_gib"]
+    bf16_ratio = own["bf16"]["saved_gib"] / own["fp32"]["saved_gib"] if parts.get("activation_dtype") != "bf16" else 1.0
     target = counted[base][method]
     base_scale = target["bf16"]["saved_gib"] / own["bf16"]["saved_gib"]
     resolution_scale = activation_resolution_scale(steps, parts["parts_resolution"], parts["resolution"])
@@ -874,6 +964,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every process (default 2)")
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
                         help="fit's mixed precision (default auto: bf16 where the CPU or GPU has bf16 arithmetic)")
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
     parser.add_argument("--skip", nargs="*", default=[], choices=("rehearsal", "parts"),
                         help="leave out the trainer's commands or the parts' measurement")
     parser.add_argument("--assets", type=Path, default=SHARED_ASSETS,
@@ -897,7 +988,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     batch_size=args.batch_size, resolution=args.resolution or (64 if args.quick else 512),
                     parts_resolution=args.parts_resolution or (32 if args.quick else 256),
                     memory_cap_gib=args.memory_cap_gib, threads=args.threads,
-                    mixed_precision=resolve_mixed_precision(args.mixed_precision))
+                    mixed_precision=resolve_mixed_precision(args.mixed_precision),
+                    device="cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
 
 
 def measure_parts_in_subprocess(args: argparse.Namespace, settings: Settings, folders: ModelFolders,
@@ -920,8 +1012,10 @@ def measure_parts_in_subprocess(args: argparse.Namespace, settings: Settings, fo
 def forwarded_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--base", args.base, "--threads", str(args.threads), "--memory-cap-gib", str(args.memory_cap_gib),
              "--assets", str(args.assets)]
-    if args.quick:
-        flags.append("--quick")
+    for flag in ("quick", "cpu"):
+        if getattr(args, flag):
+            flags.append(f"--{flag}")
+    flags += ["--mixed-precision", args.mixed_precision]
     for flag in ("resolution", "parts_resolution"):
         if getattr(args, flag):
             flags += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
