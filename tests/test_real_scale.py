@@ -235,3 +235,16 @@ def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one
     assert exported.stat().st_size > 500e6
     assert ours.shape == bare.shape == (1, 4, 64, 64) and torch.isfinite(ours).all()
     assert float((ours - bare).abs().max()) > 1e-3 * float(bare.abs().max())
+
+
+# ---- what the rehearsal broke --------------------------------------------------------------------------------------
+
+def test_inv_adapter_trains_without_an_insightface_pack_but_idadapter_with_the_face_id_loss_needs_one():
+    """Inv-Adapter has no face-ID loss: the default λ = 0.1 must not demand --insightface-root of it (the rehearsal's
+    first Inv-Adapter fit stopped there)."""
+    from train.config import ConfigError, resolve_config
+
+    settings = dict(cache="cache", output_dir="out", pretrained="base")
+    assert resolve_config(None, dict(settings, method="inv-adapter")).face_id_weight == 0.1
+    with pytest.raises(ConfigError, match="insightface-root"):
+        resolve_config(None, dict(settings, method="idadapter", clip_vision="clip"))
