@@ -821,8 +821,9 @@ def project(parts: dict, counted: dict, base: str, method: str) -> dict:
     decode = {}
     pixels = (counted[base]["resolution"] / parts["parts_resolution"]) ** 2
     for checkpointing in (False, True):
-        points = {d["batch"]: d["peak_above_models_gib"] * pixels for d in parts["decode"]
-                  if d["gradient_checkpointing"] == checkpointing}
+        # a mode not measured takes the other's numbers (said in the summary's `decode_modes_measured`)
+        measured = [d for d in parts["decode"] if d["gradient_checkpointing"] == checkpointing] or parts["decode"]
+        points = {d["batch"]: d["peak_above_models_gib"] * pixels for d in measured}
         decode[checkpointing] = linear_fit(points) if points else (0.0, 0.0)
     frozen = parts["frozen_gib_fp32"]
     frozen_scale = target["fp32"]["unet_params"] / own["fp32"]["unet_params"]
