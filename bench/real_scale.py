@@ -314,6 +314,8 @@ class Settings:
     gradient_checkpointing: bool = True
     device: str = "cpu"
     """'cuda' on a GPU machine (scripts/gpu_check.sh): fit runs there, the parts are measured in CUDA memory."""
+    fit_resolution: int = 512
+    """Resolution of the rehearsal's fit runs (`resolution` unless --fit-resolution says otherwise)."""
     parts_resolution: int = 256
     """Resolution of the parts' batch-1/2 measurements (one batch-1 step at `resolution` gives the scaling)."""
     inversion_steps: int = 2
@@ -327,7 +329,7 @@ def python(*args: str) -> list[str]:
 def fit_arguments(settings: Settings, folders: ModelFolders, cache: Path, out: Path, method: str) -> list[str]:
     args = ["-m", "train", "fit", "--method", method, "--cache", str(cache), "--output-dir", str(out),
             "--pretrained", str(folders.base), "--num-refs", str(NUM_REFS), "--batch-size", str(settings.batch_size),
-            "--resolution", str(settings.resolution), "--max-steps", str(settings.steps),
+            "--resolution", str(settings.fit_resolution), "--max-steps", str(settings.steps),
             "--checkpoint-every", str(kill_step(settings)), "--log-with", "none", "--deterministic",
             "--mixed-precision", settings.mixed_precision,
             "--gradient-checkpointing" if settings.gradient_checkpointing else "--no-gradient-checkpointing"]
@@ -395,7 +397,7 @@ def rehearse(settings: Settings, folders: ModelFolders, workdir: Path) -> dict:
                 "-m", "train", "eval", str(exported), "--pretrained", str(folders.base), "--clip-vision",
                 str(folders.clip_vision), "--insightface-root", str(folders.insightface_root), "--references",
                 str(folders.photos / "obama"), "--prompt", "a portrait photo", "--steps", "2", "--batch-size", "1",
-                "--resolution", str(settings.resolution), "--device", settings.device,
+                "--resolution", str(settings.fit_resolution), "--device", settings.device,
                 "--out", str(workdir / "eval")), cap, logs / f"{method}-eval.log", env=env, gpu=gpu))
     fits = [c for c in commands if "fit" in c.name]
     results["losses_finite"] = bool(fits) and all(c.losses and all(map(math.isfinite, c.losses)) for c in fits)
@@ -888,7 +890,7 @@ def summarize(settings: Settings, rehearsal: dict, parts: dict, counted: dict) -
 
 def print_table(summary: dict) -> None:
     s = summary["settings"]
-    print(f"\nReal-size rehearsal: {s['base']} at {s['resolution']} px, batch {s['batch_size']}, N = {NUM_REFS}, "
+    print(f"\nReal-size rehearsal: {s['base']}, fit at {s['fit_resolution']} px, batch {s['batch_size']}, N = {NUM_REFS}, "
           f"λ = {FACE_ID_WEIGHT}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, mixed "
           f"precision '{s['mixed_precision']}' (CPU bf16 instructions: {summary['cpu_bf16']}), {s['threads']} "
           f"thread(s), torch {summary['torch']}{', QUICK (tiny models)' if s['quick'] else ''}.\n")
@@ -961,6 +963,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps of each fit (default 2)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch of the rehearsal's fit (default 1)")
     parser.add_argument("--resolution", type=int, help="training resolution (default 512; 64 with --quick)")
+    parser.add_argument("--fit-resolution", type=int,
+                        help="resolution of the rehearsal's fit and eval (default: --resolution)")
     parser.add_argument("--parts-resolution", type=int,
                         help="resolution of the parts' batch 1 and 2 measurements (default 256; 32 with --quick)")
     parser.add_argument("--memory-cap-gib", type=float, default=11.0,
@@ -991,6 +995,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     quick=args.quick, steps=args.steps,
                     batch_size=args.batch_size, resolution=args.resolution or (64 if args.quick else 512),
                     parts_resolution=args.parts_resolution or (32 if args.quick else 256),
+                    fit_resolution=args.fit_resolution or args.resolution or (64 if args.quick else 512),
                     memory_cap_gib=args.memory_cap_gib, threads=args.threads,
                     mixed_precision=resolve_mixed_precision(args.mixed_precision),
                     device="cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
