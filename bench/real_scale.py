@@ -159,7 +159,8 @@ def write_face_pack(root: Path, quick: bool, assets: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(assets / DETECTOR, folder / DETECTOR.name)
     stages, widths, features = QUICK_IRESNET if quick else IRESNET100
-    export_like_insightface(randomize(IResNet(stages, widths, features), seed=0), folder / "glintr100.onnx")
+    if not (folder / "glintr100.onnx").is_file():
+        export_like_insightface(randomize(IResNet(stages, widths, features), seed=0), folder / "glintr100.onnx")
     return root
 
 
@@ -655,13 +656,15 @@ class SavedBytes:
     probabilities, which the fused kernels of CPUs and GPUs (flash, memory-efficient) recompute instead. They are
     recognised by shape: 4-d, at least 256 queries and more keys than any head is wide (160)."""
 
-    def __init__(self, exclude: list[torch.Tensor]) -> None:
+    def __init__(self, exclude: list[torch.Tensor], keep_attention: bool = False) -> None:
         self.excluded = {p.untyped_storage()._cdata for p in exclude}
+        self.keep_attention = keep_attention
         self.seen: dict[int, int] = {}
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        attention_matrix = tensor.ndim == 4 and tensor.shape[-2] >= 256 and tensor.shape[-1] > 160
+        attention_matrix = not self.keep_attention and tensor.ndim == 4 and tensor.shape[-2] >= 256 and \
+            tensor.shape[-1] > 160
         if storage._cdata not in self.excluded and not attention_matrix:
             self.seen[storage._cdata] = storage.nbytes()
         return tensor
@@ -749,12 +752,27 @@ def vae_decode_gflops(resolution: int) -> float:
         return count_flops(lambda: vae.decode(latents)) / 1e9
 
 
+def decode_saved_gib(resolution: int) -> float:
+    """The face-ID loss's decode with gradients (fp32, as the trainer keeps the VAE), batch 1: saved-for-backward
+    bytes counted on the meta device, all of them (its one attention matrix, 4096² at 512 px, included)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(sample_size=resolution, **SD_VAE).requires_grad_(False)
+        latents = torch.randn(1, 4, resolution // 8, resolution // 8, requires_grad=True)
+    saved = SavedBytes(list(vae.parameters()), keep_attention=True)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        vae.decode(latents).sample.mean().backward()
+    return saved.gib
+
+
 def count_on_meta(settings: Settings) -> dict:
     """FLOPs and saved bytes of every base at its resolution, and the utilisation reference."""
     counted: dict = {}
     for base, spec in BASES.items():
         res = settings.resolution if base == settings.base else spec.resolution
-        entry = counted[base] = {"resolution": res, "decode_gflops": vae_decode_gflops(res)}
+        entry = counted[base] = {"resolution": res, "decode_gflops": vae_decode_gflops(res),
+                                 "decode_saved_gib_fp32": decode_saved_gib(res)}
         for method in settings.methods:
             entry[method] = {dtype_name: meta_step(base, res, 1, dtype, method)
                              for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
@@ -825,7 +843,9 @@ def project(parts: dict, counted: dict, base: str, method: str) -> dict:
             activations[checkpointing] = tuple(v * factor for v in linear_fit(points))
     decode = {}
     pixels = (counted[base]["resolution"] / parts["parts_resolution"]) ** 2
-    for checkpointing in (False, True):
+    if not parts["decode"]:  # not measured: the counted saved bytes, no checkpointing (the most it can take)
+        decode = dict.fromkeys((False, True), (0.0, counted[base]["decode_saved_gib_fp32"]))
+    for checkpointing in ((False, True) if parts["decode"] else ()):
         # a mode not measured takes the other's numbers (said in the summary's `decode_modes_measured`)
         measured = [d for d in parts["decode"] if d["gradient_checkpointing"] == checkpointing] or parts["decode"]
         points = {d["batch"]: d["peak_above_models_gib"] * pixels for d in measured}
