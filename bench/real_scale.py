@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
@@ -650,23 +651,42 @@ def optimizer_state(trainable: list[torch.nn.Parameter]) -> dict:
 
 # ---- 3. counted on the meta device -------------------------------------------------------------------------------
 
+class AttentionMatrices(TorchDispatchMode):
+    """Records the storages of attention probabilities: softmax outputs and the copies and views made of them. On the
+    meta device attention runs as matmuls around a softmax and saves these (B, heads, queries, keys) matrices, which
+    the fused kernels of CPUs and GPUs (flash, memory-efficient) recompute instead of keeping."""
+
+    DERIVED = ("_to_copy", "clone", "view", "_unsafe_view", "expand", "reshape", "contiguous", "transpose", "t")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        derived = name in self.DERIVED and any(
+            torch.is_tensor(a) and a.untyped_storage()._cdata in self.storages for a in args)
+        if (name in ("_softmax", "_safe_softmax") or derived) and torch.is_tensor(out):
+            self.storages.add(out.untyped_storage()._cdata)
+        return out
+
+
 class SavedBytes:
     """Bytes of the tensors autograd saves for backward (activations), each storage once, parameters excluded, and
-    attention matrices excluded: on the meta device attention runs as matmuls and saves its (B, heads, queries, keys)
-    probabilities, which the fused kernels of CPUs and GPUs (flash, memory-efficient) recompute instead. They are
-    recognised by shape: 4-d, at least 256 queries and more keys than any head is wide (160)."""
+    attention probabilities excluded unless `keep_attention` (`AttentionMatrices`)."""
 
     def __init__(self, exclude: list[torch.Tensor], keep_attention: bool = False) -> None:
         self.excluded = {p.untyped_storage()._cdata for p in exclude}
+        self.attention = AttentionMatrices()
         self.keep_attention = keep_attention
         self.seen: dict[int, int] = {}
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        attention_matrix = not self.keep_attention and tensor.ndim == 4 and tensor.shape[-2] >= 256 and \
-            tensor.shape[-1] > 160
-        if storage._cdata not in self.excluded and not attention_matrix:
-            self.seen[storage._cdata] = storage.nbytes()
+        key = tensor.untyped_storage()._cdata
+        attention_matrix = not self.keep_attention and key in self.attention.storages
+        if key not in self.excluded and not attention_matrix:
+            self.seen[key] = tensor.untyped_storage().nbytes()
         return tensor
 
     @property
@@ -722,7 +742,7 @@ def meta_step(base: str, resolution: int, batch: int = 1, dtype: torch.dtype = t
     saved = SavedBytes([*unet.parameters(), *adapter.parameters()])
 
     def step() -> None:
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with saved.attention, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             if binding is not None and method == "idadapter":
                 embeds = adapter.encode(
                     torch.randn(batch, NUM_REFS, patches, VIT_H["hidden_size"], device=meta, dtype=dtype),

@@ -50,12 +50,14 @@ def test_saved_activations_are_counted_once_without_parameters_or_attention_matr
     linear = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8, requires_grad=True)
     saved = real_scale.SavedBytes(list(linear.parameters()))
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+    v = torch.randn(1, 2, 300, 8)
+    with saved.attention, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         y = linear(x)  # saves x (the weight is a parameter)
         z = (y * y).sum()  # saves y, twice: one storage
-        scores = torch.randn(1, 2, 256, 300, requires_grad=True).softmax(-1)  # an attention matrix: not counted
-    assert saved.gib * 2**30 == x.numel() * 4 + y.numel() * 4
-    del z, scores
+        probabilities = torch.randn(1, 2, 16, 300, requires_grad=True).softmax(-1)  # saved by softmax and matmul:
+        out = probabilities.reshape(2, 16, 300) @ v.reshape(2, 300, 8)  # an attention matrix, not counted
+    assert saved.gib * 2**30 == (x.numel() + y.numel() + v.numel()) * 4  # v: the matmul's other operand
+    del z, out
 
 
 def parts_of(batches: dict[int, float], gradients: float = 1.0) -> dict:
