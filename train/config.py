@@ -136,7 +136,7 @@ class FitConfig:
                               "with its component configs and tokenizers, so nothing is downloaded")
         if self.face_id_weight < 0:
             raise ConfigError(f"face_id_weight must be >= 0, got {self.face_id_weight}")
-        if self.face_id_weight > 0 and not self.insightface_root:
+        if self.method == "idadapter" and self.face_id_weight > 0 and not self.insightface_root:  # Inv-Adapter has none
             raise ConfigError("the face-ID loss (face_id_weight > 0) needs --insightface-root; pass --face-id-weight 0 "
                               "to train without it")
         if not 0 <= self.identity_dropout < 1:

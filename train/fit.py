@@ -241,14 +241,16 @@ def sample_grid(
 
 
 @contextmanager
-def deterministic_algorithms(enabled: bool):
-    """torch.use_deterministic_algorithms for the run, restored afterwards."""
+def deterministic_algorithms(enabled: bool, warn_only: bool = False):
+    """torch.use_deterministic_algorithms for the run, restored afterwards. `warn_only` on CUDA: the face-ID loss's
+    face crop (`grid_sample`) has no deterministic CUDA backward (pytorch/pytorch#68959), which would otherwise stop
+    the run at the first face the gate lets through; torch then warns and that gradient may differ in its last bits."""
     if not enabled:
         yield
         return
     previous = torch.are_deterministic_algorithms_enabled()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
     try:
         yield
     finally:
@@ -317,7 +319,7 @@ def train(config: FitConfig, stop_after: int | None = None) -> TrainResult:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(config.seed)
-    with deterministic_algorithms(config.deterministic):
+    with deterministic_algorithms(config.deterministic, warn_only=accelerator.device.type == "cuda"):
         return _train(config, accelerator, stop_after)
 
 
