@@ -31,7 +31,8 @@ def test_read_out_sees_a_changed_attribute_and_a_malformed_image():
     person = (0, 1, 2, 1)
     image = world.render_photo(person, variation)
     changed = image.copy()
-    face = changed[world.FACE_ORIGIN:world.FACE_ORIGIN + world.FACE_SIDE, world.FACE_ORIGIN:world.FACE_ORIGIN + world.FACE_SIDE]
+    top = world.FACE_ORIGIN
+    face = changed[top:top + world.FACE_SIDE, top:top + world.FACE_SIDE]
     face[4:, :4] = face[4:, 12:] = world.colour("skin", 0)  # the long hair cut
     face[4:8, 4:7] = face[4:8, 9:12] = world.colour("eyes", 0)  # other eyes
     reading = world.read_image(changed)

@@ -17,8 +17,8 @@ beside identity: the background's grey level and tint, the brightness (x 0.92..1
 
 The read-out finds the face (of the possible positions, the one whose square is most strongly coloured against its
 surround) and reads each attribute from the middle of its region: the median colour, nearest value of that
-attribute's palette; hair length is long where the sides are nearer the read hair colour than
-the read skin colour. An image is well formed when every region is within `WELL_FORMED_DISTANCE` of a palette value
+attribute's palette; hair length is long where the sides are nearer the read hair colour than the read skin colour.
+An image is well formed when every region is within `WELL_FORMED_DISTANCE` of a palette value
 (sides: of the read hair or skin colour) and the background is grey. On rendered photos it is exact (tests).
 """
 from __future__ import annotations
@@ -241,9 +241,9 @@ class BaseSettings:
     """Photos of random people (every value combination is as likely)."""
     captioned: float = 0.8
     """Share of them whose caption names the attributes (the rest: the plain caption)."""
-    autoencoder_steps: int = 500
-    autoencoder_lr: float = 3e-3
-    unet_steps: int = 1500
+    autoencoder_steps: int = 1200
+    autoencoder_lr: float = 5e-3
+    unet_steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3
 
@@ -258,7 +258,8 @@ TRAINED_FILE = "trained.json"
 
 def model_spec():
     """The tiny parts of bench/identity_learning.py at 32 px (8x8 latents), with a narrower VAE without attention
-    (it is trained here, and learns to reconstruct the faces in a few minutes)."""
+    (it is trained here) and 2 channel groups in its norms (with one channel a group, GroupNorm would take each
+    channel's own level out of the image, which is what a flat colour is)."""
     from dataclasses import replace
 
     from bench.identity_learning import TINY_SPEC
@@ -266,7 +267,7 @@ def model_spec():
     return replace(TINY_SPEC, vae=dict(
         block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4, norm_num_groups=8, layers_per_block=1, mid_block_add_attention=False,
+        latent_channels=4, norm_num_groups=2, layers_per_block=1, mid_block_add_attention=False,
     ))
 
 

@@ -8,7 +8,8 @@ and 5 keypoints for strides 8, 16, 32 with 2 anchors each), so insightface's `Mo
 input pixels), is found at exactly that stride, with its box on the square and the 5 landmarks on insightface's
 ArcFace template scaled to the square. So faces of known sizes go where a caller wants them. With `measure="colour"`
 the square may be of any strongly coloured pixels (chroma, max - min channel: from 0.4 of full scale on it counts
-fully, under 0.15 not at all) on a greyish surround: faces whose every region is an identity attribute (train/miniature.py).
+fully, under 0.15 not at all) on a greyish surround: faces whose every region is an identity attribute
+(train/miniature.py).
 
 `TinyRecognizer` has ArcFace's layout (static 1x3x112x112 input, one 1xD output) with random weights: images whose
 aligned crops look alike get similar embeddings, which is all an identity means here.
