@@ -1,35 +1,85 @@
-"""Smoke test of bench/identity_generation.py (identity in generated images, in miniature): its synthetic faces are
-what the demo's tiny insightface pack detects and tells apart, and the whole run goes through at --quick settings
-(seconds; nothing is learned). The benchmark itself (minutes) is not a test."""
+"""The miniature of bench/identity_generation.py (identity in generated images): its read-out is exact on the people
+it renders and tells a wrong drawing from a right one, the tiny pack's colour detector finds every person, and the
+whole report runs end to end at --quick settings (seconds; nothing is learned). The benchmark itself (about half an
+hour a seed) is not a test."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from bench import identity_generation as generation
 from idadapter_core.face import load_face_analyzer
 from idadapter_core.face.similarity import face_embeddings
+from train import miniature as world
 from train.tiny_face_models import write_model_pack
 from test_train_fit import one_thread  # noqa: F401  (module-wide fixture: one torch thread)
 
 
-def test_synthetic_faces_are_detected_and_told_apart(tmp_path):
-    write_model_pack(tmp_path, generation.PACK)
-    analyzer = load_face_analyzer(tmp_path, generation.PACK, "CPU", generation.DET_SIZE)
+def test_read_out_is_exact_on_every_rendered_person():
     rng = np.random.default_rng(0)
-    identities = generation.make_face_identities(4, generation.Settings.marks, rng, "id")
-    photos = [[generation.draw_face(identity, rng) for _ in range(3)] for identity in identities]
-    embeddings = [face_embeddings(analyzer, group) for group in photos]
-    assert all(e is not None for group in embeddings for e in group)
-    within = [float(a @ b) for group in embeddings for a in group for b in group]
-    across = [float(a @ b) for i, g in enumerate(embeddings) for j, h in enumerate(embeddings) if i < j
-              for a in g for b in h]
-    assert min(within) > max(across)
+    people = world.all_identities()
+    assert len(people) == 128 and abs(world.CHANCE - 0.3125) < 1e-9
+    for person in people:
+        for _ in range(3):
+            reading = world.read_image(world.render_photo(person, world.PhotoVariation.draw(rng)))
+            assert reading.values == person and reading.well_formed
+
+
+def test_read_out_sees_a_changed_attribute_and_a_malformed_image():
+    variation = world.PhotoVariation((120.0, 120.0, 120.0), 1.0, (0, 0))
+    person = (0, 1, 2, 1)
+    image = world.render_photo(person, variation)
+    changed = image.copy()
+    top = world.FACE_ORIGIN
+    face = changed[top:top + world.FACE_SIDE, top:top + world.FACE_SIDE]
+    face[4:, :4] = face[4:, 12:] = world.colour("skin", 0)  # the long hair cut
+    face[4:8, 4:7] = face[4:8, 9:12] = world.colour("eyes", 0)  # other eyes
+    reading = world.read_image(changed)
+    assert reading.values == (0, 1, 0, 0) and reading.well_formed
+    grey = np.full_like(image, 128)
+    assert not world.read_image(grey).well_formed
+    smeared = (0.5 * image + 0.5 * 128).astype(np.uint8)  # a washed-out face is no palette colour
+    assert not world.read_image(smeared).well_formed
+    brighter = world.render_photo(person, world.PhotoVariation((60.0, 64.0, 58.0), 1.08, (world.SHIFT, 0)))
+    reading = world.read_image(brighter)
+    assert reading.values == person and reading.well_formed and reading.background < 70
+
+
+def test_colour_detector_finds_every_person_and_the_red_one_none(tmp_path):
+    write_model_pack(tmp_path, "colour", face_measure="colour")
+    write_model_pack(tmp_path, "red")
+    rng = np.random.default_rng(1)
+    photos = [world.render_photo(person, world.PhotoVariation.draw(rng)) for person in world.all_identities()[::4]]
+    found = face_embeddings(load_face_analyzer(tmp_path, "colour", "CPU", world.DET_SIZE), photos)
+    assert all(embedding is not None for embedding in found)
+    red = face_embeddings(load_face_analyzer(tmp_path, "red", "CPU", world.DET_SIZE), photos[:8])
+    assert all(embedding is None for embedding in red)
+
+
+def test_row_read_out_scores_matching_and_shuffled():
+    rng = np.random.default_rng(2)
+    people = world.all_identities()[:3]
+    images = {p: np.stack([world.render_photo(p, world.PhotoVariation.draw(rng))] * 2) for p in people}  # copies
+    row = generation.read_row(images, {p: float(world.read_image(images[p][0]).background) for p in people})
+    assert row.matching == [1.0] * 4 and row.well_formed == 1.0
+    # (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), each scored as the next: skin and hair agree, eyes and length in 1 of 3
+    assert np.allclose(row.shuffled, [1, 1, 1 / 3, 1 / 3]) and np.isclose(row.margin, 1 / 3)
+    assert np.isclose(row.background_correlation, 1.0)  # the references' backgrounds copied
 
 
 def test_generation_bench_runs_end_to_end(tmp_path, capsys):
-    assert generation.main(["--quick", "--seeds", "1", "--workdir", str(tmp_path)]) == 0
+    picture, results = tmp_path / "grid.png", tmp_path / "seed.json"
+    assert generation.main(["--quick", "--seeds", "1", "--workdir", str(tmp_path), "--picture", str(picture),
+                            "--json", str(results)]) == 0
     out = capsys.readouterr().out
-    for row in ("IDAdapter | held-out", "Inv-Adapter | training", "base model alone | held-out",
-                "reference photos | held-out"):
+    for row in ("chance", "reference photos (read-out)", "VAE round trip", "base alone, plain caption (floor)",
+                "base told the attributes (ceiling)", "IDAdapter, cfg 3, guided", "IDAdapter, cfg 3, same as positive",
+                "Inv-Adapter, cfg 1", "Inv-Adapter, fixed low-timestep reference, cfg 3, guided"):
         assert row in out
-    assert len(list(tmp_path.glob(f"base-*/{generation.TRAINED_FILE}"))) == 1  # the cached base model
+    summary = json.loads(results.read_text())
+    assert summary["table"]["reference photos (read-out)"]["accuracy"]["mean"] == 1.0
+    assert len(list(tmp_path.glob(f"base-*/{world.TRAINED_FILE}"))) == 1  # the cached base model
+    assert picture.stat().st_size > 0
+    assert generation.main(["--from-json", str(results), str(results)]) == 0
+    assert "seed 0" in capsys.readouterr().out

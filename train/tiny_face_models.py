@@ -6,7 +6,10 @@ unchanged (nothing is downloaded).
 and 5 keypoints for strides 8, 16, 32 with 2 anchors each), so insightface's `ModelRouter` makes it an SCRFD. What it
 "detects" is synthetic: a pure-red square of side 4*stride, centred on a multiple of the stride (in the detector's
 input pixels), is found at exactly that stride, with its box on the square and the 5 landmarks on insightface's
-ArcFace template scaled to the square. So faces of known sizes go where a caller wants them.
+ArcFace template scaled to the square. So faces of known sizes go where a caller wants them. With `measure="colour"`
+the square may be of any strongly coloured pixels (chroma, max - min channel: from 0.4 of full scale on it counts
+fully, under 0.15 not at all) on a greyish surround: faces whose every region is an identity attribute
+(train/miniature.py).
 
 `TinyRecognizer` has ArcFace's layout (static 1x3x112x112 input, one 1xD output) with random weights: images whose
 aligned crops look alike get similar embeddings, which is all an identity means here.
@@ -29,9 +32,16 @@ ARCFACE_TEMPLATE = np.array(
 LANDMARKS_IN_STRIDES = (ARCFACE_TEMPLATE - 56.0) / 28.0
 
 
+FACE_MEASURES = ("red", "colour")
+"""What makes a pixel "face" for the tiny detector: pure red, or any strong colour (see the module docstring)."""
+
+
 class TinySquareDetector(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, measure: str = "red") -> None:
         super().__init__()
+        if measure not in FACE_MEASURES:
+            raise ValueError(f"measure must be one of {FACE_MEASURES}, got '{measure}'")
+        self.measure = measure
         self.register_buffer("box_distances", torch.full((1, 4), 2.0))
         self.register_buffer("landmark_offsets", torch.from_numpy(LANDMARKS_IN_STRIDES.reshape(1, 10).copy()))
 
@@ -42,9 +52,16 @@ class TinySquareDetector(nn.Module):
         padded = nn.functional.pad(redness, (half, half - stride, half, half - stride))
         return nn.functional.avg_pool2d(padded, window, stride)
 
+    def face_likeness(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1]. insightface feeds (pixel - 127.5) / 128 in RGB order; pure red is (1, -1, -1)."""
+        red, green, blue = image[:, 0:1], image[:, 1:2], image[:, 2:3]
+        if self.measure == "red":
+            return torch.clamp((red - torch.maximum(green, blue)) / 1.99, 0.0, 1.0)
+        chroma = torch.maximum(torch.maximum(red, green), blue) - torch.minimum(torch.minimum(red, green), blue)
+        return torch.clamp((chroma - 0.3) / 0.5, 0.0, 1.0)  # chroma is in [0, 2] here
+
     def forward(self, image: torch.Tensor):
-        # insightface feeds (pixel - 127.5) / 128 in RGB order; pure red is (1, -1, -1)
-        redness = torch.clamp((image[:, 0:1] - torch.maximum(image[:, 1:2], image[:, 2:3])) / 1.99, 0.0, 1.0)
+        redness = self.face_likeness(image)
         scores, boxes, landmarks = [], [], []
         for stride in STRIDES:
             # centre-surround: the 4-stride window full of red, the 8-stride window around it not
@@ -77,10 +94,10 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, **options)
     return path
 
 
-def export_detector(path: Path) -> Path:
+def export_detector(path: Path, measure: str = "red") -> Path:
     outputs = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in STRIDES]
     return _export_onnx(
-        TinySquareDetector(), torch.zeros(1, 3, 64, 64), path, input_names=["input"], output_names=outputs,
+        TinySquareDetector(measure), torch.zeros(1, 3, 64, 64), path, input_names=["input"], output_names=outputs,
         dynamic_axes={"input": {2: "height", 3: "width"}, **{name: {0: f"{name}_rows"} for name in outputs}},
     )
 
@@ -92,12 +109,13 @@ def export_recognizer(path: Path, embed_dim: int = 64, seed: int = 0) -> Path:
 
 
 def write_model_pack(root: Path, name: str = "tiny_pack", embed_dim: int = 64, detector: bool = True,
-                     recognizer: bool = True) -> Path:
-    """`<root>/models/<name>/` with the tiny detector and/or recognizer, the layout insightface loads."""
+                     recognizer: bool = True, face_measure: str = "red") -> Path:
+    """`<root>/models/<name>/` with the tiny detector (finding `face_measure` squares) and/or recognizer, the layout
+    insightface loads."""
     folder = root / "models" / name
     folder.mkdir(parents=True, exist_ok=True)
     if detector:
-        export_detector(folder / "det_tiny.onnx")
+        export_detector(folder / "det_tiny.onnx", face_measure)
     if recognizer:
         export_recognizer(folder / "rec_tiny.onnx", embed_dim)
     return folder

@@ -1,0 +1,392 @@
+"""A miniature world in which identity can be seen: synthetic 32 px "people" whose identity is a few large coloured
+attributes, a deterministic read-out of those attributes from any image, and a tiny SD-like base model that learns to
+draw any combination of them (trained once per settings and seed, and cached). Used by bench/identity_generation.py.
+
+The face. A 16 px square (what the tiny insightface pack of train/tiny_face_models.py detects with its `colour`
+measure: every pixel of the square strongly coloured, the surround grey) near the centre of the photo:
+
+    rows 0-3    hair (hair colour), the whole width
+    rows 4-7    eyes (eye colour, 4 x 4 px each, cols 4-7 and 8-11) between the sides
+    rows 4-15   sides (cols 0-3 and 12-15): hair colour for long hair, skin colour for short ('buzz') hair
+    rows 8-15   skin (skin colour) between the sides
+
+Identity = (skin, hair, eyes, hair length): 4 x 4 x 4 x 2 = 128 people; the colours are saturated and far apart from
+each other and from the grey backgrounds. Chance of the read-out is (3 x 1/4 + 1/2) / 4 = 0.31. What a photo varies
+beside identity: the background's grey level and tint, the brightness (x 0.92..1.08) and the face's position
+(centred, or 4 px off along one axis).
+
+The read-out finds the face (of the possible positions, the one whose square is most strongly coloured against its
+surround) and reads each attribute from the middle of its region: the median colour, nearest value of that
+attribute's palette; hair length is long where the sides are nearer the read hair colour than the read skin colour.
+An image is well formed when every region is within `WELL_FORMED_DISTANCE` of a palette value
+(sides: of the read hair or skin colour) and the background is grey. On rendered photos it is exact (tests).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+PHOTO_SIZE = 32
+FACE_SIDE = 16
+FACE_ORIGIN = (PHOTO_SIZE - FACE_SIDE) // 2
+DET_SIZE = 64
+"""Photos are scaled 2x for detection, where the 16 px face is the tiny detector's stride-8 square."""
+CLASS_WORD = "person"
+CAPTION = "a photo of a person"
+"""The plain caption: no attribute named (the adapters train with it; the base with it for some photos)."""
+
+ATTRIBUTES: dict[str, dict[str, tuple[int, int, int]]] = {
+    "skin": {"orange": (245, 120, 40), "pink": (240, 130, 195), "brown": (150, 85, 35), "yellow": (230, 225, 60)},
+    "hair": {"red": (215, 20, 60), "jade": (40, 165, 60), "blue": (45, 75, 225), "purple": (135, 40, 175)},
+    "eyes": {"cyan": (30, 205, 215), "lime": (165, 235, 40), "magenta": (225, 40, 205), "navy": (25, 35, 145)},
+    "length": {"buzz": (0, 0, 0), "long": (0, 0, 0)},
+}
+"""Each attribute's values (the colour is unused for length: the sides take the hair or the skin colour). Each value
+is one token of the base's tokenizer (so 'jade' and 'buzz': its byte-pair merges split 'green' and 'short')."""
+ATTRIBUTE_NAMES = tuple(ATTRIBUTES)
+VOCABULARY = ("with", "skin", "hair", "eyes", *(word for values in ATTRIBUTES.values() for word in values))
+"""Caption words that are single tokens of the base's tokenizer (beside train/tiny_models.WORDS)."""
+CHANCE = float(np.mean([1 / len(values) for values in ATTRIBUTES.values()]))
+WELL_FORMED_DISTANCE = 60.0
+"""Largest RGB distance of a read region from the colour it is read as, in a well-formed image (values of one
+attribute are at least 95 apart, skin from hair too)."""
+GREY_CHROMA = 45
+"""Largest max - min channel of a well-formed image's background (the backgrounds are grey)."""
+
+Identity = tuple[int, ...]
+"""The index of each attribute's value, in ATTRIBUTE_NAMES order."""
+
+
+def all_identities() -> list[Identity]:
+    return list(itertools.product(*(range(len(values)) for values in ATTRIBUTES.values())))
+
+
+def identity_name(identity: Identity) -> str:
+    return "-".join(list(ATTRIBUTES[name])[value] for name, value in zip(ATTRIBUTE_NAMES, identity))
+
+
+def attribute_caption(identity: Identity) -> str:
+    """'a photo of a person with orange skin red long hair cyan eyes' (13 tokens of the base's tokenizer)."""
+    skin, hair, eyes, length = (list(ATTRIBUTES[name])[value] for name, value in zip(ATTRIBUTE_NAMES, identity))
+    return f"{CAPTION} with {skin} skin {hair} {length} hair {eyes} eyes"
+
+
+def colour(attribute: str, value: int) -> np.ndarray:
+    return np.array(list(ATTRIBUTES[attribute].values())[value], np.float32)
+
+
+# ---- rendering ---------------------------------------------------------------------------------------------------
+
+SHIFT = 4
+SHIFTS = ((0, 0), (SHIFT, 0), (-SHIFT, 0), (0, SHIFT), (0, -SHIFT))
+"""Where the face may be: centred, or one latent cell (4 px) off along one axis. Every region stays on the 4 px grid of
+the 8x8 latents (a flat colour per latent cell is what the tiny VAE reconstructs well) and on the tiny detector's
+anchors (its stride 8 at the 2x detection size)."""
+
+
+@dataclass(frozen=True)
+class PhotoVariation:
+    """What a photo varies beside identity."""
+
+    background: tuple[float, float, float]
+    brightness: float
+    shift: tuple[int, int]
+    """(dx, dy) of the face, in pixels."""
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "PhotoVariation":
+        grey = rng.uniform(70, 190)
+        background = tuple(float(v) for v in grey + rng.normal(0, 5, 3))
+        shift = SHIFTS[int(rng.integers(len(SHIFTS)))]
+        return cls(background, float(rng.uniform(0.92, 1.08)), shift)
+
+
+def face_pixels(identity: Identity) -> np.ndarray:
+    """(16, 16, 3) float32: the face square (module docstring)."""
+    skin, hair, eyes = (colour(name, identity[i]) for i, name in enumerate(ATTRIBUTE_NAMES[:3]))
+    long_hair = identity[3] == 1
+    face = np.empty((FACE_SIDE, FACE_SIDE, 3), np.float32)
+    face[:] = skin
+    face[:4] = hair
+    if long_hair:
+        face[4:, :4] = hair
+        face[4:, 12:] = hair
+    face[4:8, 4:8] = eyes
+    face[4:8, 8:12] = eyes
+    return face
+
+
+def render_photo(identity: Identity, variation: PhotoVariation) -> np.ndarray:
+    """(32, 32, 3) uint8."""
+    image = np.empty((PHOTO_SIZE, PHOTO_SIZE, 3), np.float32)
+    image[:] = variation.background
+    x0, y0 = FACE_ORIGIN + variation.shift[0], FACE_ORIGIN + variation.shift[1]
+    image[y0:y0 + FACE_SIDE, x0:x0 + FACE_SIDE] = face_pixels(identity)
+    return np.clip(image * variation.brightness, 0, 255).round().astype(np.uint8)
+
+
+def write_photos(identities: list[Identity], per_identity: int, folder: Path, rng: np.random.Generator,
+                 captions: bool = False) -> dict[Identity, list[Path]]:
+    """folder/<identity name>/<i>.png, as `prepare` reads a data set (with `captions`, a same-name .txt naming the
+    attributes)."""
+    written = {}
+    for identity in identities:
+        (folder / identity_name(identity)).mkdir(parents=True, exist_ok=True)
+        written[identity] = []
+        for index in range(per_identity):
+            path = folder / identity_name(identity) / f"{index:03d}.png"
+            Image.fromarray(render_photo(identity, PhotoVariation.draw(rng))).save(path)
+            if captions:
+                path.with_suffix(".txt").write_text(attribute_caption(identity), encoding="utf-8")
+            written[identity].append(path)
+    return written
+
+
+# ---- the read-out ------------------------------------------------------------------------------------------------
+
+def _region(image: np.ndarray, origin: tuple[int, int], rows: tuple[int, int],
+            columns: list[tuple[int, int]]) -> np.ndarray:
+    """Median colour of the face-relative rows x columns (each a half-open range) of the face at origin (x, y)."""
+    x0, y0 = origin
+    pixels = np.concatenate([image[y0 + rows[0]:y0 + rows[1], x0 + c0:x0 + c1].reshape(-1, 3) for c0, c1 in columns])
+    return np.median(pixels.astype(np.float32), axis=0)
+
+
+def _outside(origin: tuple[int, int], margin: int) -> np.ndarray:
+    """(32, 32) bool: the pixels farther than `margin` from the face at origin (x, y)."""
+    outside = np.ones((PHOTO_SIZE, PHOTO_SIZE), bool)
+    x0, y0 = origin
+    outside[max(y0 - margin, 0):y0 + FACE_SIDE + margin, max(x0 - margin, 0):x0 + FACE_SIDE + margin] = False
+    return outside
+
+
+def find_face(image: np.ndarray) -> tuple[int, int]:
+    """The origin (x, y) of the face: of the positions a face may take (SHIFTS), the one whose square's mean chroma
+    exceeds its surround's the most."""
+    chroma = image.max(axis=2).astype(np.float32) - image.min(axis=2)
+
+    def contrast(shift: tuple[int, int]) -> float:
+        x0, y0 = FACE_ORIGIN + shift[0], FACE_ORIGIN + shift[1]
+        return float(chroma[y0:y0 + FACE_SIDE, x0:x0 + FACE_SIDE].mean() - chroma[_outside((x0, y0), 0)].mean())
+
+    best = max(SHIFTS, key=contrast)
+    return FACE_ORIGIN + best[0], FACE_ORIGIN + best[1]
+
+
+REGIONS = {
+    "skin": ((9, 15), [(5, 11)]),
+    "hair": ((1, 3), [(1, 15)]),
+    "eyes": ((5, 7), [(5, 7), (9, 11)]),
+    "sides": ((9, 15), [(1, 3), (13, 15)]),
+}
+"""Face-relative rows and columns each attribute is read from: its region less a 1 px border."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    values: Identity
+    well_formed: bool
+    background: float
+    """Mean grey level outside the face (2 px margin): what the background-copy check compares."""
+
+
+def read_image(image: np.ndarray) -> Reading:
+    """The attributes an image (32, 32, 3) uint8 shows (module docstring)."""
+    image = np.asarray(image)
+    values, distances = [], []
+    origin = find_face(image)
+    regions = {name: _region(image, origin, *where) for name, where in REGIONS.items()}
+    read_colours = {}
+    for name in ("skin", "hair", "eyes"):
+        palette = np.array(list(ATTRIBUTES[name].values()), np.float32)
+        gaps = np.linalg.norm(palette - regions[name], axis=1)
+        values.append(int(gaps.argmin()))
+        distances.append(float(gaps.min()))
+        read_colours[name] = palette[gaps.argmin()]
+    to_hair = float(np.linalg.norm(regions["sides"] - read_colours["hair"]))
+    to_skin = float(np.linalg.norm(regions["sides"] - read_colours["skin"]))
+    values.append(int(to_hair < to_skin))
+    distances.append(min(to_hair, to_skin))
+    background = image[_outside(origin, 2)].astype(np.float32)
+    chroma = float(np.median(background.max(axis=1) - background.min(axis=1)))
+    well_formed = max(distances) <= WELL_FORMED_DISTANCE and chroma <= GREY_CHROMA
+    return Reading(tuple(values), well_formed, float(background.mean()))
+
+
+def attribute_accuracy(readings: list[Reading], identities: list[Identity]) -> np.ndarray:
+    """(attributes,) share of readings that show their identity's value, per attribute."""
+    hits = np.array([[r.values[i] == identity[i] for i in range(len(ATTRIBUTE_NAMES))]
+                     for r, identity in zip(readings, identities)], np.float64)
+    return hits.mean(axis=0)
+
+
+# ---- the base model: autoencoder, then UNet on captioned photos; cached ----------------------------------------
+
+@dataclass(frozen=True)
+class BaseSettings:
+    photos: int = 2048
+    """Photos of random people (every value combination is as likely)."""
+    captioned: float = 0.8
+    """Share of them whose caption names the attributes (the rest: the plain caption)."""
+    autoencoder_steps: int = 1200
+    autoencoder_lr: float = 5e-3
+    unet_steps: int = 1200
+    batch_size: int = 32
+    lr: float = 2e-3
+
+    def key(self, seed: int) -> str:
+        """Of the settings, the seed and the world (its palettes)."""
+        return hashlib.sha256(json.dumps([asdict(self), seed, ATTRIBUTES]).encode()).hexdigest()[:12]
+
+
+TRAINED_FILE = "trained.json"
+"""Written last into a cached base model's folder: its training time, losses and settings."""
+
+
+def model_spec():
+    """The tiny parts of bench/identity_learning.py at 32 px (8x8 latents), with a narrower VAE without attention
+    (it is trained here) and 2 channel groups in its norms (with one channel a group, GroupNorm would take each
+    channel's own level out of the image, which is what a flat colour is)."""
+    from dataclasses import replace
+
+    from bench.identity_learning import TINY_SPEC
+
+    return replace(TINY_SPEC, vae=dict(
+        block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4, norm_num_groups=2, layers_per_block=1, mid_block_add_attention=False,
+    ))
+
+
+def build_base_parts(seed: int):
+    """Random-weight parts (bench/identity_learning.build_base_components) with a tokenizer that knows the
+    attribute words."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench.identity_learning import build_base_components
+    from train.tiny_models import WORDS, tiny_clip_tokenizer
+
+    spec = model_spec()
+    parts = build_base_components(spec, seed)
+    parts.tokenizer = tiny_clip_tokenizer(WORDS + VOCABULARY, max_length=spec.text_tokens)
+    torch.manual_seed(seed)
+    tokenizer = parts.tokenizer
+    parts.text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=spec.text_tokens, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec.text,
+    )).eval()
+    return parts
+
+
+def photo_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """(B, 3, 32, 32) float in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_autoencoder(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, batch_size: int, lr: float,
+                      seed: int) -> float:
+    """The VAE as a plain autoencoder (reconstruction MSE through the posterior mean; the posterior stays
+    near-deterministic): generation needs a decoder that inverts the encoder. Returns the mean loss of the last
+    20 steps."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    vae.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="autoencoder", leave=False):
+        batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
+        loss = F.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    vae.eval()
+    return float(np.mean(losses[-20:]))
+
+
+def train_unet(parts, pixels: torch.Tensor, captions: list[str], steps: int, batch_size: int, lr: float,
+               seed: int) -> float:
+    """Calibrate the VAE's scaling factor (1 / std of the latents, as SD's 0.18215 was chosen), then train the UNet
+    on the photos with their captions (ε-MSE, Adam, cosine decay). Returns the mean loss of the last 50 steps."""
+    with torch.no_grad():
+        latents = torch.cat([parts.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
+        scale = float(1.0 / latents.std())
+        parts.vae.register_to_config(scaling_factor=scale)
+        latents = latents * scale
+        unique = sorted(set(captions))
+        tokens = parts.tokenizer(unique, padding="max_length", max_length=parts.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+        encoded = parts.text_encoder(tokens).last_hidden_state
+    context = encoded[torch.tensor([unique.index(c) for c in captions])]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(parts.unet.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    parts.unet.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="base UNet", leave=False):
+        chosen = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        noise = torch.randn(latents[chosen].shape, generator=generator)
+        timesteps = torch.randint(0, parts.scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = parts.scheduler.add_noise(latents[chosen], noise, timesteps)
+        loss = F.mse_loss(parts.unet(noisy, timesteps, encoder_hidden_states=context[chosen]).sample, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    parts.unet.eval()
+    return float(np.mean(losses[-50:]))
+
+
+def tiny_base(settings: BaseSettings, seed: int, workdir: Path) -> Path:
+    """The cached base model folder for these settings and seed (trained here the first time): photos of random
+    people, most captioned with their attributes; the autoencoder, then the UNet."""
+    from bench.identity_learning import save_base_model
+
+    folder = workdir / f"base-{settings.key(seed)}"
+    if (folder / TRAINED_FILE).is_file():
+        log.info("base model: cached %s", folder)
+        return folder
+    started = time.perf_counter()
+    rng = np.random.default_rng([seed, 1])
+    people = all_identities()
+    chosen = [people[i] for i in rng.integers(0, len(people), settings.photos)]
+    pixels = photo_tensor([render_photo(identity, PhotoVariation.draw(rng)) for identity in chosen])
+    captions = [attribute_caption(identity) if rng.random() < settings.captioned else CAPTION for identity in chosen]
+    parts = build_base_parts(seed)
+    autoencoder_loss = train_autoencoder(parts.vae, pixels, settings.autoencoder_steps, settings.batch_size,
+                                         settings.autoencoder_lr, seed)
+    log.info("base model: autoencoder trained, reconstruction MSE %.5f (pixels in [-1, 1])", autoencoder_loss)
+    unet_loss = train_unet(parts, pixels, captions, settings.unet_steps, settings.batch_size, settings.lr, seed)
+    log.info("base model: UNet trained, ε-MSE of the last 50 steps %.4f", unet_loss)
+    save_base_model(parts, folder)
+    record = dict(seconds=time.perf_counter() - started, autoencoder_mse=autoencoder_loss, unet_mse=unet_loss,
+                  settings=asdict(settings), seed=seed)
+    (folder / TRAINED_FILE).write_text(json.dumps(record))
+    log.info("base model: trained in %.0f s, cached in %s", record["seconds"], folder)
+    return folder
+
+
+def base_record(folder: Path) -> dict:
+    return json.loads((folder / TRAINED_FILE).read_text())
+
+
+def round_trip(vae: torch.nn.Module, images: list[np.ndarray]) -> np.ndarray:
+    """(B, 32, 32, 3) uint8: the images through the VAE's encoder (posterior mean) and decoder."""
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(photo_tensor(images)).latent_dist.mean).sample
+    return ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
