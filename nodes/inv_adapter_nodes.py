@@ -107,7 +107,7 @@ class ApplyInvAdapter(PackNode):
                                      "0-999: always at this timestep's point of the inverted trajectory."),
                 io.Boolean.Input("cache_features", default=True, advanced=True,
                                  tooltip="Keep each step's reference features, so the next generation skips the reference "
-                                         "pass (about 46 MB per step for SD1.5 at 512x512 in fp32)."),
+                                         "pass (about 46 MB per step and reference photo for SD1.5 at 512x512 in fp32)."),
                 identity_in_negative_input(),
                 io.Combo.Input(
                     "blocks", options=list(BLOCK_MODES), default=BLOCK_MODES[0], optional=True, advanced=True,
