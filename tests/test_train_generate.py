@@ -16,7 +16,7 @@ from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
 from test_train_fit import no_downloads, one_thread  # noqa: F401  (module-wide fixtures)
 from train.config import FitConfig
 from train.generate import (
-    REFERENCE_FEATURES, SamplingSettings, encode_reference, generate_identity_images, generate_inv_adapter_images,
+    SAMPLING_REFERENCE_FEATURES, SamplingSettings, encode_reference, generate_identity_images, generate_inv_adapter_images,
 )
 from train.models import load_base_model
 from train.tiny_models import RESOLUTION, write_tiny_pipeline
@@ -159,7 +159,7 @@ def test_inv_adapter_guidance_over_the_identity(base):
         binding.detach()
 
 
-@pytest.mark.parametrize("mode", REFERENCE_FEATURES)
+@pytest.mark.parametrize("mode", SAMPLING_REFERENCE_FEATURES)
 def test_inv_adapter_generates_from_its_reference(base, mode):
     """Every reference mode runs end to end and changes the base model's images; weight 0 gives the base's."""
     binding = opened_inv_adapter(base)

@@ -25,6 +25,7 @@ from idadapter_core.weights import atomic_write
 MIXED_PRECISION = ("no", "fp16", "bf16")
 METHODS = ("idadapter", "inv-adapter")
 REFERENCE_FEATURES = ("noised", "inversion")
+"""Where Inv-Adapter's training step takes the reference latent at the step's timestep from (train/inv_adapter_step.py)."""
 LOG_WITH = ("tensorboard", "none")
 RESOLVED_CONFIG_FILE = "config.yaml"
 

@@ -55,7 +55,7 @@ from idadapter_core.weights import atomic_write
 from .adapter_files import adapter_format
 from .config import FitConfig
 from .generate import (
-    DEFAULT_REFERENCE_TIMESTEP, REFERENCE_FEATURES, SamplingSettings, generate_identity_images,
+    DEFAULT_REFERENCE_TIMESTEP, SAMPLING_REFERENCE_FEATURES, SamplingSettings, generate_identity_images,
     generate_inv_adapter_images, image_grid, inv_adapter_reference,
 )
 from .models import BaseModel, ClipVision, TextConditioning, load_base_model, load_clip_vision
@@ -351,8 +351,8 @@ class InvAdapterSettings:
     reference_timestep: int = DEFAULT_REFERENCE_TIMESTEP
 
     def __post_init__(self) -> None:
-        if self.reference_features not in REFERENCE_FEATURES:
-            raise EvalError(f"reference features must be one of {', '.join(REFERENCE_FEATURES)}, got "
+        if self.reference_features not in SAMPLING_REFERENCE_FEATURES:
+            raise EvalError(f"reference features must be one of {', '.join(SAMPLING_REFERENCE_FEATURES)}, got "
                             f"'{self.reference_features}'")
         if self.inversion_steps < 1 or self.reference_timestep < 0:
             raise EvalError(f"inversion steps must be at least 1 and the reference timestep at least 0, got "
@@ -567,7 +567,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--grid-identities", type=int, default=16,
                           help="identities shown in grid.png, the first ones (default 16)")
     inv = parser.add_argument_group("Inv-Adapter's reference at each step (Inv-Adapter weights)")
-    inv.add_argument("--reference-features", default="noised", choices=list(REFERENCE_FEATURES),
+    inv.add_argument("--reference-features", default="noised", choices=list(SAMPLING_REFERENCE_FEATURES),
                      help="the reference forward-noised to each step's timestep, its DDIM inversion's point nearest to "
                           "it, or forward-noised to one fixed timestep (default noised, as fit trains by default)")
     inv.add_argument("--inversion-steps", type=int, default=50, help="DDIM inversion steps (default 50)")

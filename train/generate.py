@@ -34,11 +34,13 @@ from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser
 from idadapter_core.inv_adapter import InvAdapter, ddim_invert, inversion_sigmas
 from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES, identity_in_negative
 
+from .config import REFERENCE_FEATURES
 from .data import load_target_image
 from .models import BaseModel
 
-REFERENCE_FEATURES = ("noised", "inversion", "fixed")
-"""Where Inv-Adapter's reference latent at a generation step comes from (module docstring)."""
+SAMPLING_REFERENCE_FEATURES = (*REFERENCE_FEATURES, "fixed")
+"""Where Inv-Adapter's reference latent at a generation step comes from (module docstring): the training step's
+choices, or one fixed low timestep."""
 DEFAULT_REFERENCE_TIMESTEP = 100
 """The timestep of `reference_features="fixed"` (our choice, a low one: the reference nearly clean, as the
 "one fixed small timestep" of DESIGN.md §3.2)."""
@@ -161,8 +163,8 @@ def _reference_inputs(base: BaseModel, reference: torch.Tensor, mode: str,
                       inversion_steps: int, reference_timestep: int, reference_seed: int,
                       null_context: torch.Tensor, added: dict | None) -> Callable[[int], tuple[torch.Tensor, int]]:
     """timestep -> (the reference's UNet input for the reference pass of that step, the timestep it runs at)."""
-    if mode not in REFERENCE_FEATURES:
-        raise ValueError(f"reference_features must be one of {', '.join(REFERENCE_FEATURES)}, got '{mode}'")
+    if mode not in SAMPLING_REFERENCE_FEATURES:
+        raise ValueError(f"reference_features must be one of {', '.join(SAMPLING_REFERENCE_FEATURES)}, got '{mode}'")
     scheduler = base.noise_scheduler
     alphas = scheduler.alphas_cumprod.detach().double().cpu()
     if mode == "fixed" and not 0 <= reference_timestep < len(alphas):

@@ -21,9 +21,8 @@ from torch import nn
 from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser
 from idadapter_core.inv_adapter import InvAdapter, ddim_invert, inversion_sigmas
 
+from .config import REFERENCE_FEATURES
 from .models import BaseModel
-
-REFERENCE_FEATURES = ("noised", "inversion")
 
 
 @dataclass
