@@ -170,15 +170,16 @@ def negative_chunks(extra_options: dict) -> tuple[bool, ...]:
     return tuple(kind == NEGATIVE_CHUNK for kind in extra_options.get("cond_or_uncond") or ())
 
 
-def positive_rows(extra_options: dict, batch: int, device: torch.device) -> torch.Tensor | None:
-    """The batch rows of the positive chunks (guidance over the identity gives only those the identity), or None
-    when every row is positive."""
+def chunk_rows(extra_options: dict, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch rows of the positive chunks and of the negative ones (guidance over the identity gives only the
+    positive ones the identity), or None when every row is positive."""
     negatives = negative_chunks(extra_options)
     if not any(negatives):
         return None
-    rows = batch // len(negatives)
-    kept = [torch.arange(i * rows, (i + 1) * rows) for i, negative in enumerate(negatives) if not negative]
-    return torch.cat(kept).to(device) if kept else torch.empty(0, dtype=torch.long, device=device)
+    size = batch // len(negatives)
+    rows = torch.arange(batch, device=device).view(len(negatives), size)
+    negative = torch.tensor(negatives, device=device)
+    return rows[~negative].reshape(-1), rows[negative].reshape(-1)
 
 
 def block_mask(region: RegionMask, tokens: torch.Tensor, extra_options: dict) -> GridMask:

@@ -37,8 +37,8 @@ from ..idadapter_core.schedule import (
     BLOCK_MODES, NEGATIVE_IDENTITY_MODES, StepWindow, adapter_blocks, check_schedule, identity_in_negative, require_finite,
 )
 from .comfy_binding import (
-    LoadedAdapter, adapter_attention, block_mask, describe_unet, mask_covers_nothing, model_prediction, negative_chunks,
-    positive_rows,
+    LoadedAdapter, adapter_attention, block_mask, chunk_rows, describe_unet, mask_covers_nothing, model_prediction,
+    negative_chunks,
 )
 from .comfy_patches import SharedPatch, comfy_attention, set_attention_replace
 
@@ -337,7 +337,8 @@ class EAAAttention(SharedPatch):
         mask = None if region is None else block_mask(region, q, extra_options)
         if mask is not None and mask.is_off:
             return inner(q, k, v, extra_options)
-        rows = None if self.patch.identity_in_negative else positive_rows(extra_options, q.shape[0], q.device)
+        split = None if self.patch.identity_in_negative else chunk_rows(extra_options, q.shape[0], q.device)
+        rows, others = (None, None) if split is None else split
         if rows is not None and rows.numel() == 0:
             return inner(q, k, v, extra_options)
         index = self.patch.block_index(extra_options)
@@ -358,9 +359,6 @@ class EAAAttention(SharedPatch):
         # Guidance over the identity: the negative rows keep the block's own output, the EAA runs on the others only.
         pick = functools.partial(torch.index_select, dim=0, index=rows)
         if own_from_kernel:  # the positive rows' own part comes with the EAA's kernel: ComfyUI's runs on the others
-            negatives = negative_chunks(extra_options)
-            size = q.shape[0] // len(negatives)
-            others = torch.cat([torch.arange(i * size, (i + 1) * size) for i, n in enumerate(negatives) if n]).to(q.device)
             own = inner(*(t.index_select(0, others) for t in (q, k, v)), extra_options)
             own = own.new_empty(q.shape[0], *own.shape[1:]).index_copy_(0, others, own)
         else:
