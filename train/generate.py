@@ -30,12 +30,13 @@ import torch
 from PIL import Image
 
 from idadapter_core import DiffusersIDAdapter, IDAdapter
-from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser
-from idadapter_core.inv_adapter import InvAdapter, ddim_invert, inversion_sigmas
+from idadapter_core.hosts import DiffusersInvAdapter
+from idadapter_core.inv_adapter import InvAdapter
 from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES, identity_in_negative
 
 from .config import REFERENCE_FEATURES
 from .data import load_target_image
+from .inv_adapter_step import invert_latent, trajectory_input
 from .models import BaseModel
 
 SAMPLING_REFERENCE_FEATURES = (*REFERENCE_FEATURES, "fixed")
@@ -177,16 +178,11 @@ def _reference_inputs(base: BaseModel, reference: torch.Tensor, mode: str,
             return scheduler.add_noise(reference, noise, torch.tensor([at])), at
 
         return noised
-    unet = base.unet  # the plain UNet inverts: the caller has set no reference yet
-    denoise, schedule = diffusers_denoiser(unet, scheduler.alphas_cumprod, base.prediction_type,
-                                           null_context.to(unet.dtype), added_cond_kwargs=added)
-    sigmas = inversion_sigmas(schedule, inversion_steps)
-    trajectory = ddim_invert(lambda x, s: denoise(x.to(unet.dtype), s).float(), reference.float(), sigmas)
+    # the plain UNet inverts: the caller has set no reference yet
+    sigmas, trajectory = invert_latent(base, reference, null_context, inversion_steps, added_cond_kwargs=added)
 
     def inverted(timestep: int) -> tuple[torch.Tensor, int]:
-        a = float(alphas[timestep])
-        index = int((sigmas.log() - torch.tensor(((1 - a) / a) ** 0.5).log()).abs().argmin())
-        return (trajectory[index] * a**0.5).to(reference), timestep  # x_σ -> the UNet's z_t, as fit trains it
+        return trajectory_input(sigmas, trajectory, float(alphas[timestep])).to(reference), timestep  # as fit trains
 
     return inverted
 

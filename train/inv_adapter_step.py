@@ -91,25 +91,35 @@ class InvAdapterTrainingStep(nn.Module):
         inputs = []
         for i, (row, timestep) in enumerate(zip(batch.reference_rows, batch.timesteps.tolist())):
             sigmas, trajectory = self._trajectory(row, batch.reference_latents[i : i + 1], null_context[i : i + 1])
-            a = float(alphas[timestep])
-            index = int((sigmas.log() - torch.tensor(((1 - a) / a) ** 0.5).log()).abs().argmin())
-            inputs.append(trajectory[index] * a**0.5)  # x_σ -> the UNet's input z_t = x_σ·sqrt(ᾱ_t)
+            inputs.append(trajectory_input(sigmas, trajectory, float(alphas[timestep])))
         return torch.cat(inputs)
 
     def _trajectory(self, row: int, latent: torch.Tensor, null_context: torch.Tensor):
         if row not in self._trajectories:
-            base = self.frozen.base
-            unet = base.unet
             self.frozen.binding.weight, weight = 0.0, self.frozen.binding.weight  # the plain UNet inverts
             try:
-                denoise, schedule = diffusers_denoiser(unet, base.noise_scheduler.alphas_cumprod, base.prediction_type,
-                                                       null_context.to(unet.dtype))
-                sigmas = inversion_sigmas(schedule, self.inversion_steps)
-                trajectory = ddim_invert(lambda x, s: denoise(x.to(unet.dtype), s).float(), latent.float(), sigmas)
+                self._trajectories[row] = invert_latent(self.frozen.base, latent, null_context, self.inversion_steps)
             finally:
                 self.frozen.binding.weight = weight
-            self._trajectories[row] = (sigmas, trajectory)
         return self._trajectories[row]
+
+
+def invert_latent(base: BaseModel, latent: torch.Tensor, null_context: torch.Tensor, steps: int,
+                  **unet_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ of each point, trajectory): the DDIM inversion of `latent` (as the UNet takes it) on the null prompt, in
+    `steps` steps, through `base.unet` as it is (the caller makes sure it runs without a reference)."""
+    unet = base.unet
+    denoise, schedule = diffusers_denoiser(unet, base.noise_scheduler.alphas_cumprod, base.prediction_type,
+                                           null_context.to(unet.dtype), **unet_kwargs)
+    sigmas = inversion_sigmas(schedule, steps)
+    return sigmas, ddim_invert(lambda x, s: denoise(x.to(unet.dtype), s).float(), latent.float(), sigmas)
+
+
+def trajectory_input(sigmas: torch.Tensor, trajectory: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The inversion point nearest (in log σ) to a timestep whose ᾱ is `alpha`, as the UNet's input there:
+    x_σ -> z_t = x_σ·sqrt(ᾱ_t)."""
+    index = int((sigmas.log() - torch.tensor(((1 - alpha) / alpha) ** 0.5).log()).abs().argmin())
+    return trajectory[index] * alpha**0.5
 
 
 def eaa_gate_values(adapter: InvAdapter) -> dict[str, float]:
