@@ -1,4 +1,5 @@
-"""Reading the training cache that `python -m train prepare` writes (train/prepare.py has the writer).
+"""The training cache that `python -m train prepare` writes (train/prepare.py analyses the images): its layout,
+`write_cache` (the files written after the shards, the one writer of the format) and `TrainCache` (the reader).
 
     CACHE/prepare.json            the settings it was made with (format, version, face model, embedding width, ...)
     CACHE/index.jsonl             one record per kept image, rows 0..n-1 in (identity, file name) order
@@ -15,9 +16,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from idadapter_core.errors import IDAdapterError
+from idadapter_core.face import CLIP_CROP_SIZE
+from idadapter_core.weights import atomic_write
 
 CACHE_FORMAT = "idadapter-train-cache"
 CACHE_VERSION = 1
@@ -68,6 +72,44 @@ class CacheRecord:
             "class_word": self.class_word, "shard": self.shard, "shard_row": self.shard_row, "box": list(self.box),
             "landmarks": [list(point) for point in self.landmarks], "faces_in_image": self.faces_in_image,
         }
+
+
+def cache_settings(face_model: str, face_embed_dim: int, *, det_size: int, min_face_size: int, min_images: int,
+                   augmentations: int, seed: int, clip_crop_scale: float, source: str, shard_size: int,
+                   source_fingerprint: str) -> dict:
+    """What prepare.json holds: the format and the settings the cache was made with."""
+    return {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "face_model": face_model, "face_embed_dim": face_embed_dim,
+        "det_size": det_size, "min_face_size": min_face_size, "min_images": min_images,
+        "augmentations": augmentations, "seed": seed, "clip_crop_size": CLIP_CROP_SIZE,
+        "clip_crop_scale": float(clip_crop_scale), "source": source, "shard_size": shard_size,
+        "source_fingerprint": source_fingerprint,
+    }
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of numpy arrays (a shard: the SHARD_KEYS), written atomically."""
+    from safetensors.numpy import save_file
+
+    arrays = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+
+
+def write_cache(folder: Path, records: list[CacheRecord], report: dict, settings: dict) -> bool:
+    """The files of a cache after its shards (`save_arrays`), each atomically: index.jsonl, report.json, then, when
+    there are records, prepare.json (`cache_settings`), the mark of a finished cache. Returns whether it finished (a
+    cache without records never does)."""
+    index = "".join(json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records)
+    write_text_atomic(folder / INDEX_FILE, index)
+    write_text_atomic(folder / REPORT_FILE, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if not records:
+        return False
+    write_text_atomic(folder / SETTINGS_FILE, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    return True
 
 
 class TrainCache:

@@ -35,15 +35,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from idadapter_core.errors import IDAdapterError
-from idadapter_core.weights import atomic_write
 from idadapter_core.face import (
     CLIP_CROP_SCALE, CLIP_CROP_SIZE, PROVIDERS, Augmentation, DetectedFace, FaceAnalyzer,
     align_reference, detect_face, load_face_analyzer, load_image, to_rgb_uint8,
 )
 
 from .cache import (
-    CACHE_FORMAT, CACHE_VERSION, INDEX_FILE, REPORT_FILE, SETTINGS_FILE, SHARD_KEYS, SHARD_PATTERN, WORK_DIR,
-    CacheError, CacheRecord,
+    INDEX_FILE, REPORT_FILE, SETTINGS_FILE, SHARD_KEYS, SHARD_PATTERN, WORK_DIR, CacheError, CacheRecord,
+    cache_settings, save_arrays, write_cache, write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -253,17 +252,6 @@ def analyse_image(
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save_file
-
-    arrays = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
-    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
-
-
 def _feature_arrays(rows: list[AnalysedImage], embed_dim: int, augmentations: int) -> dict[str, np.ndarray]:
     """The four shard tensors of `rows` (also right for no rows: zero-length arrays of the right shape)."""
     size = CLIP_CROP_SIZE
@@ -336,13 +324,11 @@ def prepare_dataset(
         raise PrepareError(f"clip_crop_scale must be positive, got {clip_crop_scale}")
     source, out_dir = Path(os.path.abspath(source)), Path(out_dir)
     images = collect_images(source, class_word)
-    settings = {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "face_model": analyzer.name,
-        "face_embed_dim": analyzer.embed_dim, "det_size": analyzer.det_size, "min_face_size": min_face_size,
-        "min_images": min_images, "augmentations": augmentations, "seed": seed, "clip_crop_size": CLIP_CROP_SIZE,
-        "clip_crop_scale": float(clip_crop_scale), "source": str(source), "shard_size": shard_size,
-        "source_fingerprint": fingerprint(images),
-    }
+    settings = cache_settings(
+        analyzer.name, analyzer.embed_dim, det_size=analyzer.det_size, min_face_size=min_face_size,
+        min_images=min_images, augmentations=augmentations, seed=seed, clip_crop_scale=clip_crop_scale,
+        source=str(source), shard_size=shard_size, source_fingerprint=fingerprint(images),
+    )
     plan = {"settings": settings, "work_chunk_size": work_chunk_size}
     if overwrite:
         remove_cache(out_dir)
@@ -473,15 +459,11 @@ def _finalize(images: list[SourceImage], out_dir: Path, settings: dict, chunk_si
 
     report = PrepareReport(kept_images=len(records), kept_identities=len(usable.keys() - dropped_names),
                            skipped=skipped, dropped_identities=dropped)
-    index_text = "".join(json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records)
-    write_text_atomic(out_dir / INDEX_FILE, index_text)
-    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
-    if not records:
+    if not write_cache(out_dir, records, report.to_json(), settings):
         raise PrepareError(
             f"no identity has {min_images} or more usable images, so the cache would be empty; see "
             f"{out_dir / REPORT_FILE} for what was skipped and why (lower --min-images, or --min-face-size for small faces)."
         )
-    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     log.info("kept %d images of %d identities in %s; skipped %d images, dropped %d identities (see %s)",
              report.kept_images, report.kept_identities, out_dir, len(skipped), len(dropped), out_dir / REPORT_FILE)
     return report
