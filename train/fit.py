@@ -20,9 +20,10 @@ import hashlib
 import json
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -396,61 +397,105 @@ def _resume(config: FitConfig, accelerator, adapter: nn.Module, optimizer, lr_sc
     return state.step
 
 
-def _train(config: FitConfig, accelerator, stop_after: int | None) -> TrainResult:
-    from diffusers.optimization import get_constant_schedule_with_warmup
+class TrainingSession:
+    """A training run's state and its inner step: the step module (frozen models + the adapter, for
+    `config.method`), Adam over the adapter, the learning-rate schedule, the sample plan and the frozen-feature store.
+    `fit` drives it under accelerate (device, mixed precision, data-parallel processes, gradient accumulation); the
+    benchmarks drive it directly, on one CPU process without accelerate (then without gradient accumulation).
+    `adjust` changes the step module before the optimizer is made (the benchmarks' ablations, train/ablations.py)."""
 
+    def __init__(self, config: FitConfig, accelerator=None,
+                 adjust: Callable[[nn.Module], None] | None = None) -> None:
+        from diffusers.optimization import get_constant_schedule_with_warmup
+
+        if accelerator is None and config.gradient_accumulation_steps != 1:
+            raise ConfigError("gradient_accumulation_steps > 1 needs accelerate: run `python -m train fit`")
+        torch.manual_seed(config.seed)  # the adapter's initialisation (fit has also seeded the other generators)
+        self.config, self.accelerator = config, accelerator
+        self.device = torch.device("cpu") if accelerator is None else accelerator.device
+        self.weight_dtype = None if accelerator is None else {
+            "fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+        self.cache = TrainCache(config.cache)
+        self.step_module, self.clip = build_training_step(config, self.cache, self.device, self.weight_dtype)
+        if adjust is not None:
+            adjust(self.step_module)
+        self.optimizer = torch.optim.Adam(self.step_module.adapter.parameters(), lr=config.lr)
+        self.lr_scheduler = get_constant_schedule_with_warmup(self.optimizer, config.warmup_steps)
+        self.model = self.step_module
+        if accelerator is not None:
+            self.model, self.optimizer = accelerator.prepare(self.step_module, self.optimizer)
+        self.plan = SamplePlan(self.cache, config.seed, config.num_refs, config.identity_dropout, config.random_flip)
+        self.features = self.frozen_features(self.cache, config.cache_features,
+                                             feature_cache_folder(config, self.weight_dtype))
+        self.assemble = assemble_inv_adapter_batch if config.method == "inv-adapter" else assemble_batch
+        """The method's batch assembly."""
+        self.model.train()
+
+    def frozen_features(self, cache: TrainCache, enabled: bool = True, directory: Path | None = None) -> FrozenFeatures:
+        """The frozen-feature store over `cache` (the session's own, or an evaluation cache), with the session's VAE
+        and CLIP vision model."""
+        clip = None if self.clip is None else clip_encoder_from_transformers(self.clip.model)
+        return FrozenFeatures(cache, self.step_module.frozen.base.vae, clip, self.config.resolution, self.device,
+                              enabled=enabled, directory=directory, deterministic=self.config.deterministic)
+
+    def batch(self, samples: list[Sample], features: FrozenFeatures | None = None):
+        """The step's tensors of `samples` (the method's batch assembly), with the session's features or `features`."""
+        base = self.step_module.frozen.base
+        features = self.features if features is None else features
+        return self.assemble(samples, features, features.cache, base.text, base.vae.config,
+                             base.noise_scheduler.config.num_train_timesteps, self.device)
+
+    def step(self, step: int, features: FrozenFeatures | None = None, meter: _Meter | None = None
+             ) -> dict[str, float]:
+        """Optimizer step `step` (0-based): per micro-step the plan's samples of this process, the method's batch, the
+        step module's losses, backward and Adam (under accelerate: `accumulate` and its `backward`); then the
+        learning-rate schedule. Returns the losses, the mean over the micro-steps; `meter` gets each micro-step's."""
+        config, accelerator = self.config, self.accelerator
+        accumulation = config.gradient_accumulation_steps
+        process, processes = (0, 1) if accelerator is None else (accelerator.process_index,
+                                                                 accelerator.num_processes)
+        step_losses: dict[str, float] = {}
+        for micro in range(accumulation):
+            samples = self.plan.step_samples(step * accumulation + micro, config.batch_size, process, processes)
+            batch = self.batch(samples, features)
+            with nullcontext() if accelerator is None else accelerator.accumulate(self.model):
+                losses = self.model(batch)
+                losses["loss"].backward() if accelerator is None else accelerator.backward(losses["loss"])
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            self.step_module.release()
+            values = {name: float(value.detach()) for name, value in losses.items()}
+            if meter is not None:
+                meter.add(values)
+            for name, value in values.items():
+                step_losses[name] = step_losses.get(name, 0.0) + value / accumulation
+        self.lr_scheduler.step()
+        return step_losses
+
+
+def _train(config: FitConfig, accelerator, stop_after: int | None) -> TrainResult:
     output_dir = Path(config.output_dir)
-    device = accelerator.device
-    cache = TrainCache(config.cache)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    step_module, clip = build_training_step(config, cache, device, weight_dtype)
-    adapter, base = step_module.adapter, step_module.frozen.base
-    optimizer = torch.optim.Adam(adapter.parameters(), lr=config.lr)
-    lr_scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
-    model, optimizer = accelerator.prepare(step_module, optimizer)
+    session = TrainingSession(config, accelerator)
+    adapter = session.step_module.adapter
     log.info("trainable parameters: %s (%s)", f"{sum(p.numel() for p in adapter.parameters()):,}",
              adapter.config.layout.describe())
-    start_step = _resume(config, accelerator, adapter, optimizer, lr_scheduler)
+    start_step = _resume(config, accelerator, adapter, session.optimizer, session.lr_scheduler)
     if accelerator.is_main_process:
         save_config(config, output_dir / RESOLVED_CONFIG_FILE)
     if config.log_with != "none":
         accelerator.init_trackers("idadapter", config=_tracker_config(config))
 
-    plan = SamplePlan(cache, config.seed, config.num_refs, config.identity_dropout, config.random_flip)
-    features = FrozenFeatures(
-        cache, base.vae, None if clip is None else clip_encoder_from_transformers(clip.model), config.resolution, device,
-        enabled=config.cache_features, directory=feature_cache_folder(config, weight_dtype),
-        deterministic=config.deterministic,
-    )
+    plan, features = session.plan, session.features
     sample_references = None
     if config.sample_every:
         identity = config.sample_identity or next(iter(plan.rows_of_identity))
         sample_references = plan.identity_references(identity)
-        sample_class_word = cache.records[plan.rows_of_identity[identity][0]].class_word
+        sample_class_word = session.cache.records[plan.rows_of_identity[identity][0]].class_word
     result = TrainResult(step=start_step, adapter=adapter)
     meter = _Meter()
-    accumulation = config.gradient_accumulation_steps
-    scheduler_steps = base.noise_scheduler.config.num_train_timesteps
     progress = tqdm(total=config.max_steps, initial=start_step, desc="fit", disable=not accelerator.is_local_main_process)
-    assemble = assemble_inv_adapter_batch if config.method == "inv-adapter" else assemble_batch
-    model.train()
     for step in range(start_step, config.max_steps):
-        step_losses: dict[str, float] = {}
-        for micro in range(accumulation):
-            samples = plan.step_samples(step * accumulation + micro, config.batch_size, accelerator.process_index,
-                                        accelerator.num_processes)
-            batch = assemble(samples, features, cache, base.text, base.vae.config, scheduler_steps, device)
-            with accelerator.accumulate(model):
-                losses = model(batch)
-                accelerator.backward(losses["loss"])
-                optimizer.step()
-                optimizer.zero_grad()
-            step_module.release()
-            values = {name: float(value.detach()) for name, value in losses.items()}
-            meter.add(values)
-            for name, value in values.items():
-                step_losses[name] = step_losses.get(name, 0.0) + value / accumulation
-        lr_scheduler.step()
+        step_losses = session.step(step, meter=meter)
         done = step + 1
         result.step = done
         result.losses.append(step_losses)
@@ -459,15 +504,15 @@ def _train(config: FitConfig, accelerator, stop_after: int | None) -> TrainResul
         progress.set_postfix(loss=f"{step_losses['loss']:.4f}")
         if done % config.log_every == 0 or done == config.max_steps:
             values = meter.reduce(accelerator)
-            values["train/lr"] = lr_scheduler.get_last_lr()[0]
+            values["train/lr"] = session.lr_scheduler.get_last_lr()[0]
             values.update(eaa_gate_values(adapter) if isinstance(adapter, InvAdapter) else gate_values(adapter))
             accelerator.log(values, step=done)
         if done % config.checkpoint_every == 0 or done == config.max_steps:
-            result.checkpoint = save_checkpoint(accelerator, output_dir, done, adapter, optimizer, lr_scheduler,
-                                                config.to_dict(), config.keep_checkpoints)
+            result.checkpoint = save_checkpoint(accelerator, output_dir, done, adapter, session.optimizer,
+                                                session.lr_scheduler, config.to_dict(), config.keep_checkpoints)
         if sample_references is not None and done % config.sample_every == 0:
             if accelerator.is_main_process:
-                _log_samples(sample_grid(step_module, features, sample_references, sample_class_word, config,
+                _log_samples(sample_grid(session.step_module, features, sample_references, sample_class_word, config,
                                          accelerator), done, config, accelerator)
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after:
