@@ -1,0 +1,69 @@
+"""Pre-training a tiny base model (train/tiny_models.py) on a synthetic world, so that the benchmarks train adapters
+on a base that draws that world in general and knows no identity: the VAE as a plain autoencoder where generation
+needs a decoder that inverts the encoder (train/miniature.py), then its scaling factor calibrated and the UNet
+trained on the images with their captions (ε-MSE, Adam). Seeded: the same inputs give the same weights."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .tiny_models import BaseComponents
+
+
+def train_autoencoder(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, batch_size: int, lr: float,
+                      seed: int) -> float:
+    """The VAE as a plain autoencoder (reconstruction MSE through the posterior mean; the posterior stays
+    near-deterministic), Adam with cosine decay. Returns the mean loss of the last 20 steps."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    vae.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="autoencoder", leave=False):
+        batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
+        loss = F.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    vae.eval()
+    return float(np.mean(losses[-20:]))
+
+
+def train_unet(parts: BaseComponents, pixels: torch.Tensor, captions: list[str], steps: int, batch_size: int,
+               lr: float, seed: int, cosine_decay: bool = True) -> list[float]:
+    """Calibrate the VAE's scaling factor (1 / std of the latents, as SD's 0.18215 was chosen), then train the whole
+    UNet on `pixels` (B, 3, H, W) in [-1, 1] with their `captions` (ε-MSE, Adam, with or without cosine decay of the
+    learning rate). Returns the loss of every step."""
+    with torch.no_grad():
+        latents = torch.cat([parts.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
+        scale = float(1.0 / latents.std())
+        parts.vae.register_to_config(scaling_factor=scale)
+        latents = latents * scale
+        unique = sorted(set(captions))
+        tokens = parts.tokenizer(unique, padding="max_length", max_length=parts.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+        encoded = parts.text_encoder(tokens).last_hidden_state
+    context = encoded[torch.tensor([unique.index(c) for c in captions])]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(parts.unet.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine_decay else None
+    parts.unet.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="base UNet", leave=False):
+        chosen = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        noise = torch.randn(latents[chosen].shape, generator=generator)
+        timesteps = torch.randint(0, parts.scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = parts.scheduler.add_noise(latents[chosen], noise, timesteps)
+        loss = F.mse_loss(parts.unet(noisy, timesteps, encoder_hidden_states=context[chosen]).sample, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if schedule is not None:
+            schedule.step()
+        losses.append(float(loss.detach()))
+    parts.unet.eval()
+    return losses
