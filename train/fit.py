@@ -472,6 +472,10 @@ class TrainingSession:
         self.lr_scheduler.step()
         return step_losses
 
+    def run(self, steps: int, desc: str = "train") -> list[dict[str, float]]:
+        """Optimizer steps 0 .. steps - 1 (a fresh session: no checkpoints, no logging); the losses of each."""
+        return [self.step(step) for step in tqdm(range(steps), desc=desc, leave=False)]
+
 
 def _train(config: FitConfig, accelerator, stop_after: int | None) -> TrainResult:
     output_dir = Path(config.output_dir)
