@@ -20,7 +20,7 @@ Reported:
 - FLOPs per sample of each part (torch.utils.flop_counter, 2 x MACs, elementwise ops not counted), for the real
   layouts (counted on the meta device) and for the scaled ones, and the FLOP-based expectation of the ratio;
 - the FLOPs of the trainer's own step as run here, counted around it (a check of the part-by-part count);
-- measured samples/s of the trainer's step (train.fit's inner loop: `SamplePlan`, `assemble_batch`,
+- measured samples/s of the trainer's step (`train.fit.TrainingSession.step`: the plan's samples, the batch,
   `IDAdapterTrainingStep`, backward, Adam) with caching on and off, interleaved rounds (the order rotated), after
   warm-up rounds and with the cache filled; median of the per-round ratios. With the face-ID loss (λ = 0.1, the
   paper's recipe) when an insightface pack is found (the gate's detector runs on every decoded image; the models'
@@ -28,7 +28,7 @@ Reported:
   is also given for a gate open on every sample, the most the face-ID loss can cost), and without.
 
 Goal: ratio >= 1.3, judged with and without the face-ID loss. Prints a table and exits 0 (it is a report).
-Run: `python bench/train_throughput.py [--quick] [--width 0.25] [--rounds 5] [--json PATH]` (about 4 minutes on 2
+Run: `python -m bench.train_throughput [--quick] [--width 0.25] [--rounds 5] [--json PATH]` (about 4 minutes on 2
 shared cores).
 """
 from __future__ import annotations
@@ -49,46 +49,28 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from bench.identity_learning import (  # noqa: E402
-    ModelSpec, Session, build_base_components, frozen_features, make_identities, make_images, save_base_model,
-    start_session, train_step, write_cache, write_clip_vision,
+from bench.common import (
+    CLIP_L_TEXT, FACE_ID_WEIGHT, NUM_REFS, SD15_UNET, SD_VAE, TEXT_TOKENS, VIT_H_14, Variant, count_flops,
+    interleaved_times,
 )
-from bench.step_overhead import CPU_FLOP_FORMULAS, Variant, interleaved_times  # noqa: E402
-from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig  # noqa: E402
-from idadapter_core.hosts import DiffusersIDAdapter, layout_from_diffusers_unet  # noqa: E402
-from train.config import resolve_config  # noqa: E402
-from train.data import FrozenFeatures, ReferenceKey, Sample  # noqa: E402
+from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig
+from idadapter_core.hosts import DiffusersIDAdapter, layout_from_diffusers_unet
+from train.config import FitConfig, resolve_config
+from train.data import FrozenFeatures, ReferenceKey, Sample
+from train.fit import TrainingSession
+from train.striped_faces import make_identities, make_images, write_synthetic_cache
+from train.tiny_models import ModelSpec, build_base_components, save_base_model, write_clip_vision
 
 log = logging.getLogger("train_throughput")
 
 GOAL = 1.3
-FACE_ID_WEIGHT = 0.1
-"""λ of DESIGN.md §2.5."""
-NUM_REFS = 4
-"""N of DESIGN.md §2.2."""
-DEFAULT_FACE_PACK = (REPO_ROOT.parent / "shared" / "assets" / "insightface", "standin_scrfd_mbf128")
+ARCFACE_DIM = 512
+DEFAULT_FACE_PACK = (Path(__file__).resolve().parents[2] / "shared" / "assets" / "insightface", "standin_scrfd_mbf128")
 
-# The real layouts at 512 px: SD1.5's UNet, VAE and CLIP-L text encoder, OpenCLIP ViT-H/14, the sd15 MFF.
-SD15_UNET_LAYOUT = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32)
-CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-VIT_H_14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
-                image_size=224, projection_dim=1024)
-MFF_WIDTH, ARCFACE_DIM = 1024, 512
-HEADS = dict(unet=8, text=12, clip=16, mff=16)
-"""Attention heads of the real layouts. Scaled layouts keep the real head width (40 to 160 in the UNet, 64 in the
-text encoder and the MFF, 80 in ViT-H) and scale the number of heads: the same FLOPs as narrower heads, and CPU
-attention kernels as efficient per FLOP as on the real widths."""
-RESOLUTION, TEXT_TOKENS = 512, 77
+SD15 = ModelSpec(unet=SD15_UNET, vae=SD_VAE, text=CLIP_L_TEXT, clip_vision=VIT_H_14, resolution=512,
+                 text_tokens=TEXT_TOKENS)
+"""The real layouts at 512 px: SD1.5's UNet, VAE and CLIP-L text encoder, OpenCLIP ViT-H/14."""
 
 
 @dataclass(frozen=True)
@@ -97,16 +79,6 @@ class Scale:
 
     width: float
     resolution: float
-
-    def channels(self, values) -> tuple[int, ...]:
-        return tuple(round(v * self.width) for v in values)
-
-    def groups(self, channels: tuple[int, ...]) -> int:
-        """GroupNorm's 32 groups, or fewer where a scaled width is not divisible by 32 (no FLOPs either way)."""
-        return math.gcd(32, *channels)
-
-    def heads(self, part: str) -> int:
-        return max(1, round(HEADS[part] * self.width))
 
 
 @dataclass(frozen=True)
@@ -117,47 +89,15 @@ class ScaledModels:
 
 
 def scaled_spec(scale: Scale) -> ScaledModels:
-    """The real layouts scaled (module docstring; heads as `HEADS` says). Text tokens are kept at 16 or more (the
-    prompt with the identity suffix needs 11), which only the test's tiny scales reach."""
-    unet_channels = scale.channels(SD15_UNET_LAYOUT["block_out_channels"])
-    vae_channels = scale.channels(SD_VAE["block_out_channels"])
-    text_width, clip_width = round(768 * scale.width), round(1280 * scale.width)
-    spec = ModelSpec(
-        unet=dict(SD15_UNET_LAYOUT, block_out_channels=unet_channels, norm_num_groups=scale.groups(unet_channels),
-                  attention_head_dim=scale.heads("unet")),  # diffusers' SD1.x name for the number of heads
-        vae=dict(SD_VAE, block_out_channels=vae_channels, norm_num_groups=scale.groups(vae_channels)),
-        text=dict(CLIP_L_TEXT, hidden_size=text_width, intermediate_size=4 * text_width,
-                  num_attention_heads=scale.heads("text")),
-        clip_vision=dict(VIT_H_14, hidden_size=clip_width, intermediate_size=4 * clip_width,
-                         num_attention_heads=scale.heads("clip"),
-                         image_size=round(224 * scale.resolution), projection_dim=round(1024 * scale.width)),
-        resolution=round(RESOLUTION * scale.resolution),
-        text_tokens=max(16, round(TEXT_TOKENS * scale.resolution**2)),
-    )
-    return ScaledModels(spec, round(MFF_WIDTH * scale.width), scale.heads("mff"))
+    """SD1.5 + ViT-H/14 and the sd15 MFF (the trainer's default width and heads) scaled (`ModelSpec.scaled`)."""
+    return ScaledModels(SD15.scaled(scale.width, scale.resolution), round(FitConfig.mff_width * scale.width),
+                        max(1, round(FitConfig.mff_heads * scale.width)))
 
 
 REAL = Scale(1.0, 1.0)
 
 
 # ---- FLOPs, part by part, on the meta device -----------------------------------------------------------------------
-
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                             **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-FLOP_FORMULAS = {**CPU_FLOP_FORMULAS,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
-"""The CPU attention kernels, forward and backward, which the counter has no entry for (on the meta device attention
-runs as matmuls and is counted as such)."""
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
-        fn()
-    return counter.get_total_flops()
-
 
 @dataclass
 class PartFlops:
@@ -183,18 +123,16 @@ class PartFlops:
 def part_flops(models: ScaledModels, face_dim: int = ARCFACE_DIM) -> PartFlops:
     """The parts of one training sample (batch 1), counted on the meta device: nothing is allocated or computed.
     The same computation as `IDAdapterTrainingStep` (train/fit.py), written out so that it runs on meta tensors."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     spec = models.spec
     meta = torch.device("meta")
     text_width, latent = spec.text["hidden_size"], spec.resolution // 8
+    parts = build_base_components(spec, seed=0, device=meta)
+    unet, vae, text = parts.unet, parts.vae.requires_grad_(False), parts.text_encoder
     clip_config = CLIPVisionConfig(**spec.clip_vision)
     patches = (clip_config.image_size // clip_config.patch_size) ** 2
     with meta:
-        unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=text_width, **spec.unet)
-        vae = AutoencoderKL(sample_size=spec.resolution, **spec.vae).requires_grad_(False)
-        text = CLIPTextModel(CLIPTextConfig(max_position_embeddings=spec.text_tokens, **spec.text))
         clip = CLIPVisionModelWithProjection(clip_config)
         adapter = IDAdapter(IDAdapterConfig(
             layout=layout_from_diffusers_unet(unet, text_widths={"l": text_width}), num_refs=NUM_REFS,
@@ -252,7 +190,7 @@ class Settings:
 
 @dataclass
 class Setup:
-    session: Session
+    session: TrainingSession
     cached: FrozenFeatures
     recomputed: FrozenFeatures
     face_id: bool
@@ -271,10 +209,10 @@ def build_setup(settings: Settings, workdir: Path, seed: int = 0) -> Setup:
     face_dim = face_pack_embed_dim(*settings.face_pack) if settings.face_pack else ARCFACE_DIM
     identities = make_identities(8, face_dim, rng)
     images = make_images(identities, NUM_REFS + 1, workdir / "images", spec.resolution, rng, image_scale=2)
-    cache = write_cache(workdir / "cache", [image for group in images.values() for image in group], face_dim,
-                        face_model)
+    cache = write_synthetic_cache(workdir / "cache", [image for group in images.values() for image in group],
+                                  face_dim, face_model)
     base = save_base_model(build_base_components(spec, seed), workdir / "base")
-    clip = write_clip_vision(spec, workdir / "clip", seed)
+    clip = write_clip_vision(workdir / "clip", spec.clip_vision, seed)
     config = resolve_config(None, dict(
         cache=str(cache), output_dir=str(workdir / "out"), pretrained=str(base), clip_vision=str(clip),
         num_refs=NUM_REFS, mff_width=models.mff_width, mff_heads=models.mff_heads, batch_size=settings.batch_size,
@@ -282,8 +220,8 @@ def build_setup(settings: Settings, workdir: Path, seed: int = 0) -> Setup:
         face_id_weight=FACE_ID_WEIGHT if face_root else 0.0, insightface_root=str(face_root) if face_root else None,
         face_det_size=32 * round(640 * settings.scale.resolution / 32),
     ))
-    session = start_session(config)
-    cached, recomputed = frozen_features(session, session.cache), frozen_features(session, session.cache, enabled=False)
+    session = TrainingSession(config)
+    cached, recomputed = session.features, session.frozen_features(session.cache, enabled=False)
     fill(cached)
     return Setup(session, cached, recomputed, face_root is not None)
 
@@ -320,7 +258,7 @@ def measure(setup: Setup, settings: Settings) -> dict:
 
         def run() -> None:
             for _ in range(settings.steps_per_run):
-                losses.setdefault(name, []).append(train_step(session, features, next(counter)))
+                losses.setdefault(name, []).append(session.step(next(counter), features))
 
         return Variant(name, run, prepare)
 

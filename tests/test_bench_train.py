@@ -1,6 +1,7 @@
 """Smoke tests of the trainer's benchmarks (bench/train_throughput.py, bench/identity_learning.py) on minimal
-settings: they run end to end, their synthetic cache is what the trainer reads, their ablations switch off what they
-say, and the part-by-part FLOP count agrees with the FLOPs of the trainer's own step. No timing is asserted.
+settings: they run end to end, their synthetic cache (train/striped_faces.py) is what the trainer reads, the ablations
+(train/ablations.py) switch off what they say, and the part-by-part FLOP count agrees with the FLOPs of the trainer's
+own step. No timing is asserted.
 The learning check itself (several minutes) is marked slow."""
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import torch
 
 from bench import identity_learning as learning
 from bench import train_throughput as throughput
+from train import ablations, striped_faces
 from train.cache import TrainCache
 from train.config import resolve_config
 from train.data import SamplePlan
+from train.fit import TrainingSession
 from train.tiny_face_models import write_model_pack
+from train.tiny_models import TINY_SPEC, build_base_components, save_base_model
 from test_train_fit import one_thread  # noqa: F401  (module-wide fixture: one torch thread)
 
 TINY = throughput.Scale(1 / 16, 1 / 8)
@@ -24,10 +28,10 @@ TINY = throughput.Scale(1 / 16, 1 / 8)
 
 def test_synthetic_cache_is_read_by_the_trainer(tmp_path):
     rng = np.random.default_rng(0)
-    identities = learning.make_identities(3, face_dim=16, rng=rng)
-    images = learning.make_images(identities, 3, tmp_path / "images", resolution=32, rng=rng, image_scale=2)
+    identities = striped_faces.make_identities(3, face_dim=16, rng=rng)
+    images = striped_faces.make_images(identities, 3, tmp_path / "images", resolution=32, rng=rng, image_scale=2)
     ordered = [image for group in images.values() for image in group]
-    cache = TrainCache(learning.write_cache(tmp_path / "cache", ordered, face_dim=16))
+    cache = TrainCache(striped_faces.write_synthetic_cache(tmp_path / "cache", ordered, face_dim=16))
     assert len(cache) == 9 and cache.face_embed_dim == 16 and cache.num_augmentations == 0
     assert [r.identity for r in cache.records] == [i.identity for i in ordered]
     assert all(np.array_equal(cache.arcface(row).numpy(), image.arcface) for row, image in enumerate(ordered))
@@ -54,11 +58,11 @@ def test_synthetic_cache_is_read_by_the_trainer(tmp_path):
 
 def test_eval_set_draws_references_from_training_images(tmp_path):
     rng = np.random.default_rng(1)
-    identities = learning.make_identities(3, face_dim=8, rng=rng)
-    images = learning.make_images(identities, 4, tmp_path / "images", resolution=16, rng=rng)
+    identities = striped_faces.make_identities(3, face_dim=8, rng=rng)
+    images = striped_faces.make_images(identities, 4, tmp_path / "images", resolution=16, rng=rng)
     training = [image for group in images.values() for image in group[:3]]
     held_out = [image for group in images.values() for image in group[3:]]
-    cache = TrainCache(learning.write_cache(tmp_path / "cache", training + held_out, face_dim=8))
+    cache = TrainCache(striped_faces.write_synthetic_cache(tmp_path / "cache", training + held_out, face_dim=8))
     held_rows = list(range(9, 12))
     eval_set = learning.make_eval_set(cache, held_rows, num_refs=2, timesteps=[500], rng=rng)
     identity = [r.identity for r in cache.records]
@@ -74,7 +78,7 @@ MINIMAL = learning.Settings(identities=3, train_images=5, held_out_images=1, ste
 
 
 def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
-    result = learning.run_seed(0, MINIMAL, learning.TINY_SPEC, tmp_path)
+    result = learning.run_seed(0, MINIMAL, TINY_SPEC, tmp_path)
     assert set(result.losses) == {*learning.VARIANTS, learning.SKIPPED_AT_INFERENCE}
     assert all(math.isfinite(v) and v > 0 for losses in result.losses.values() for v in losses.values())
     assert math.isfinite(result.base_model_loss)
@@ -95,18 +99,16 @@ def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
     config = resolve_config(None, dict(
         cache=str(tmp_path / "train-cache"), output_dir=str(tmp_path / "check"), pretrained=str(tmp_path / "base"),
         clip_vision=str(tmp_path / "clip"), face_id_weight=0.0, num_refs=4, mff_width=32, mff_heads=4, batch_size=2,
-        lr=1e-2, resolution=learning.TINY_SPEC.resolution, log_with="none",
+        lr=1e-2, resolution=TINY_SPEC.resolution, log_with="none",
     ))
-    token_only = learning.start_session(config, learning.token_only)
-    adapter_only = learning.start_session(config, learning.adapter_only)
-    full = learning.start_session(config)
+    token_only = TrainingSession(config, adjust=ablations.token_only)
+    adapter_only = TrainingSession(config, adjust=ablations.adapter_only)
+    full = TrainingSession(config)
     before = {name: dict(s.step_module.adapter.state_dict()) for name, s in
               (("token", token_only), ("adapter", adapter_only), ("full", full))}
     before = {name: {k: v.clone() for k, v in state.items()} for name, state in before.items()}
     for session in (token_only, adapter_only, full):
-        features = learning.frozen_features(session, session.cache)
-        for step in range(2):
-            learning.train_step(session, features, step)
+        session.run(2)
     changed = lambda name, session, prefix: any(
         not torch.equal(before[name][k], v) for k, v in session.step_module.adapter.state_dict().items()
         if k.startswith(prefix))
@@ -118,23 +120,21 @@ def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
     # adapter only: the trigger word's own embedding, whatever E_c is
     text = adapter_only.step_module.frozen.base.text
     ids = text.tokenize(["a photo"], ["person"], [True])
-    e_c = {"l": torch.randn(1, learning.TINY_SPEC.text["hidden_size"])}
+    e_c = {"l": torch.randn(1, TINY_SPEC.text["hidden_size"])}
     assert torch.equal(text.encode(ids, e_c)[0], text.encode(ids)[0])
     assert not torch.equal(full.step_module.frozen.base.text.encode(ids, e_c)[0], text.encode(ids)[0])
 
     # the faster mode: the highest-resolution blocks' gates stay 0 in training, and are 0 only meanwhile at inference
-    skipped = learning.start_session(config, learning.skip_highest_resolution)
-    left_out = learning.highest_resolution_blocks(skipped.step_module)
+    skipped = TrainingSession(config, adjust=ablations.skip_highest_resolution)
+    left_out = ablations.highest_resolution_blocks(skipped.step_module)
     assert left_out and len(left_out) < len(skipped.step_module.adapter.blocks)
-    features = learning.frozen_features(skipped, skipped.cache)
-    for step in range(2):
-        learning.train_step(skipped, features, step)
+    skipped.run(2)
     gate_pairs = lambda session: [(block.alpha_attn.item(), block.alpha_dense.item())
                                   for block in session.step_module.adapter.blocks]
     assert all(gate_pairs(skipped)[i] == (0.0, 0.0) for i in left_out)
     assert all(pair != (0.0, 0.0) for i, pair in enumerate(gate_pairs(skipped)) if i not in left_out)
     trained = gate_pairs(full)
-    with learning.highest_resolution_skipped(full.step_module):
+    with ablations.highest_resolution_skipped(full.step_module):
         assert [pair for i, pair in enumerate(gate_pairs(full)) if i in left_out] == [(0.0, 0.0)] * len(left_out)
     assert gate_pairs(full) == trained and all(trained[i] != (0.0, 0.0) for i in left_out)
 
@@ -143,21 +143,19 @@ def test_inv_adapter_ablations_switch_off_their_branch(tmp_path):
     """Self-attention only keeps the cross branch's W''_V at 0 (it adds an exact 0); cross-attention only keeps the
     self-attention gate closed."""
     rng = np.random.default_rng(0)
-    identities = learning.make_identities(2, face_dim=8, rng=rng)
-    images = learning.make_images(identities, 3, tmp_path / "images", resolution=32, rng=rng)
-    cache = learning.write_cache(tmp_path / "cache", [i for group in images.values() for i in group], face_dim=8)
-    parts = learning.build_base_components(learning.TINY_SPEC, seed=0)
-    base = learning.save_base_model(parts, tmp_path / "base")
+    identities = striped_faces.make_identities(2, face_dim=8, rng=rng)
+    images = striped_faces.make_images(identities, 3, tmp_path / "images", resolution=32, rng=rng)
+    cache = striped_faces.write_synthetic_cache(tmp_path / "cache", [i for group in images.values() for i in group],
+                                                face_dim=8)
+    base = save_base_model(build_base_components(TINY_SPEC, seed=0), tmp_path / "base")
     settings = learning.Settings(batch_size=2, steps=2, inversion_steps=2)
-    configs = learning.method_configs(settings, cache, base, tmp_path / "clip", tmp_path / "out", learning.TINY_SPEC, 0)
+    configs = settings.method_configs(cache, base, tmp_path / "clip", tmp_path / "out", TINY_SPEC.resolution, 0)
     for variant, frozen_at_zero, trained in (
-        (learning.self_attention_only, "cross_v.weight", "self_gate"),
-        (learning.cross_attention_only, "self_gate", "cross_v.weight"),
+        (ablations.self_attention_only, "cross_v.weight", "self_gate"),
+        (ablations.cross_attention_only, "self_gate", "cross_v.weight"),
     ):
-        session = learning.start_session(resolve_config(None, configs["inv-adapter"]), variant)
-        features = learning.frozen_features(session, session.cache)
-        for step in range(2):
-            learning.train_step(session, features, step)
+        session = TrainingSession(resolve_config(None, configs["inv-adapter"]), adjust=variant)
+        session.run(2)
         for block in session.step_module.adapter.blocks:
             assert not block.get_parameter(frozen_at_zero).count_nonzero()
             assert block.get_parameter(trained).count_nonzero()
