@@ -5,11 +5,13 @@ transformers / ComfyUI constructor arguments, the UNets' attention widths and he
 folders)."""
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -85,6 +87,14 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+def print_and_write(summary: dict, print_table: Callable[[dict], None], json_path: Path | None) -> None:
+    """How every benchmark ends: its table on stdout, and its summary as JSON at `json_path` when one is given."""
+    print_table(summary)
+    if json_path:
+        json_path.write_text(json.dumps(summary, indent=2))
+        log.info("wrote %s", json_path)
 
 
 # ---- FLOPs and memory -------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 from bench.comfy_host import import_pack, start_comfyui
-from bench.common import VIT_H_14_OPENCLIP, best_seconds, count_flops
+from bench.common import VIT_H_14_OPENCLIP, best_seconds, count_flops, print_and_write
 from idadapter_core.face import (
     DetectedFace, FaceAnalyzer, align_reference, arcface_embeddings, clip_features, load_face_analyzer,
     load_image, to_rgb_uint8,
@@ -306,9 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     report = measure(Settings(refs=options.refs or (2 if options.quick else 4), repeats=2 if options.quick else 5))
-    print_table(report)
-    if options.json:
-        options.json.write_text(json.dumps(report, indent=2))
+    print_and_write(report, print_table, options.json)
 
 
 if __name__ == "__main__":

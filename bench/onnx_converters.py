@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import warnings
@@ -50,7 +49,7 @@ import numpy as np
 import onnx
 import torch
 
-from bench.common import Variant, interleaved_times, ratios, timed
+from bench.common import Variant, interleaved_times, print_and_write, ratios, timed
 from train.arcface_torch import insightface_input_normalisation
 from train.insightface_archs import (
     IRESNET50_STAGES, IRESNET100_STAGES, IResNet, MobileFaceNet, as_input, export_like_insightface, get_feat_rgb,
@@ -352,9 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     if ONNX2TORCH_ERROR:
         print(f"onnx2torch unavailable here ({ONNX2TORCH_ERROR}); measuring ours alone")
     results = measure(Settings(rounds=args.rounds or (3 if args.quick else 9), iresnet100=not args.quick))
-    print_table(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    print_and_write(results, print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import BASES, FACE_ID_WEIGHT, NUM_REFS, VIT_H_14_OPENCLIP
+from bench.common import BASES, FACE_ID_WEIGHT, NUM_REFS, VIT_H_14_OPENCLIP, print_and_write
 from bench.real_scale_meta import count_on_meta
 from bench.real_scale_parts import measure_parts
 from bench.real_scale_run import Settings, bf16_instructions, python, rehearse, run_command
@@ -359,10 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                              lambda: measure_parts_in_subprocess(args, settings, folders, workdir))
         log.info("counting FLOPs and saved activations on the meta device")
         summary = summarize(settings, rehearsal, parts, count_on_meta(settings))
-    print_table(summary)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
-        log.info("wrote %s", args.json)
+    print_and_write(summary, print_table, args.json)
     failed = any(c["returncode"] != 0 and c["stopped"] != "on purpose" for c in summary["rehearsal"]["commands"])
     return 1 if failed or not all(summary["rehearsal"]["resume_exact"].values()) else 0
 

@@ -33,7 +33,6 @@ change (`--before PATH`). Run: `COMFYUI_PATH=... python -m bench.step_overhead_h
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from bench.common import (
-    MB, SD15_UNET, Instrumented, Variant, instrumented, interleaved_times, ratios, timed, verdict,
+    MB, SD15_UNET, Instrumented, Variant, instrumented, interleaved_times, print_and_write, ratios, timed, verdict,
 )
 from bench.gligen_reference import gligen_forward
 from idadapter_core import IDAdapter, IDAdapterConfig
@@ -391,10 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     log.info("building the SD1.5 UNet and the sd15 adapter (random weights)")
     summary = run_benchmark(build_unet(), build_adapter(), settings)
-    print_table(summary)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
-        log.info("wrote %s", args.json)
+    print_and_write(summary, print_table, args.json)
     return 0
 
 
