@@ -37,23 +37,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from bench.common import SD15_UNET, Variant, count_flops, instrumented, interleaved_times, median_ratio, ratios
 from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser, layout_from_diffusers_unet
 from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, ddim_invert, inversion_sigmas
+from train.real_size_models import open_inv_adapter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("inv_adapter_cost")
 
 
-def open_gates(adapter: InvAdapter) -> InvAdapter:
-    """Self-attention gates open (0.7) and a non-zero cross branch: every part of the EAA does work."""
-    with torch.no_grad():
-        for block in adapter.blocks:
-            block.self_gate.fill_(0.7)
-            torch.nn.init.normal_(block.cross_v.weight, std=0.02)
-    return adapter.eval()
-
-
 def open_adapter(layout, seed: int = 0) -> InvAdapter:
     torch.manual_seed(seed)
-    return open_gates(InvAdapter(InvAdapterConfig(layout)))
+    return open_inv_adapter(InvAdapter(InvAdapterConfig(layout)))
 
 
 def diffusers_run(args) -> dict:
@@ -134,7 +126,7 @@ def comfy_run(args) -> dict:
         inv = importlib.import_module(f"{module}.idadapter_core.inv_adapter")
         blocks = comfy_binding.describe_unet(unet)
         torch.manual_seed(0)
-        model = open_gates(inv.InvAdapter(inv.InvAdapterConfig(blocks.layout)))
+        model = open_inv_adapter(inv.InvAdapter(inv.InvAdapterConfig(blocks.layout)))
         adapter = comfy_binding.LoadedAdapter(model, None, "bench", "")
         reference = inv.ReferenceTrajectory(torch.tensor([1.0]), real["ref"][None], {"c_crossattn": real["null"]}, "bench")
         object.__setattr__(reference, "index_for", lambda *_: 0)  # one point; no look-up on fake tensors

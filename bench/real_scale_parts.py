@@ -17,7 +17,9 @@ from bench.common import GIB, NUM_REFS
 from bench.real_scale_meta import meta_step
 from bench.real_scale_run import Settings, rss_bytes
 from train.insightface_archs import IResNet
-from train.real_size_models import ModelFolders, recognizer_layout
+from train.real_size_models import (
+    ModelFolders, on_device, random_idadapter_batch, random_inv_adapter_batch, recognizer_layout,
+)
 
 log = logging.getLogger("real_scale")
 
@@ -73,36 +75,6 @@ def tensor_gib(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / GIB
 
 
-def synthetic_idadapter_batch(base, batch: int, resolution: int, face_dim: int, clip_dim: int, patches: int,
-                              embed_dim: int):
-    from train.fit import TrainingBatch
-
-    g = torch.Generator().manual_seed(batch)
-    latent = resolution // 8
-    keep = [True] * batch
-    return TrainingBatch(
-        latents=torch.randn(batch, 4, latent, latent, generator=g), noise=torch.randn(batch, 4, latent, latent, generator=g),
-        timesteps=torch.full((batch,), 500), clip_patches=torch.randn(batch, NUM_REFS, patches, clip_dim, generator=g),
-        clip_image_embeds=torch.randn(batch, NUM_REFS, embed_dim, generator=g),
-        face_embeds=torch.randn(batch, NUM_REFS, face_dim, generator=g), keep_identity=torch.tensor(keep),
-        token_ids=base.text.tokenize(["a photo of a person"] * batch, ["person"] * batch, keep),
-        time_ids=torch.zeros(batch, 6))
-
-
-def synthetic_inv_adapter_batch(base, batch: int, resolution: int):
-    from train.inv_adapter_step import InvAdapterBatch
-
-    g = torch.Generator().manual_seed(batch)
-    shape = (batch, 4, resolution // 8, resolution // 8)
-    plain = [False] * batch
-    return InvAdapterBatch(
-        latents=torch.randn(shape, generator=g), noise=torch.randn(shape, generator=g),
-        timesteps=torch.full((batch,), 500), reference_latents=torch.randn(shape, generator=g),
-        reference_noise=torch.randn(shape, generator=g), reference_rows=list(range(batch)),
-        token_ids=base.text.tokenize(["a photo of a person"] * batch, [""] * batch, plain),
-        null_token_ids=base.text.tokenize([""] * batch, [""] * batch, plain), time_ids=torch.zeros(batch, 6))
-
-
 def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: Path) -> dict:
     """Runs inside its own process (`--parts`). Loads the base model as the trainer does, builds the method's step
     module without the face-ID loss, and measures each part (module docstring, 2.)."""
@@ -138,14 +110,14 @@ def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: P
         step = IDAdapterTrainingStep(adapter, base, None, 0.0)
 
         def make_batch(batch: int, resolution: int):
-            return synthetic_idadapter_batch(base, batch, resolution, face_dim, clip_config.hidden_size, patches,
-                                             clip_config.projection_dim)
+            return random_idadapter_batch(base, batch, resolution, NUM_REFS, face_dim, clip_config.hidden_size,
+                                          patches, clip_config.projection_dim)
     else:
         adapter = InvAdapter(InvAdapterConfig(base.layout))
         step = InvAdapterTrainingStep(adapter, base, "noised", 1)
 
         def make_batch(batch: int, resolution: int):
-            return synthetic_inv_adapter_batch(base, batch, resolution)
+            return random_inv_adapter_batch(base, batch, resolution)
 
     step.train()
     trainable = list(adapter.parameters())
@@ -221,20 +193,6 @@ def measure_parts(settings: Settings, folders: ModelFolders, method: str, out: P
                 face_id_decode(batch, checkpointing, low)
     training_step(1, True, settings.resolution)
     return parts
-
-
-def on_device(batch, device: torch.device):
-    """A batch dataclass with its tensors (and dicts of tensors) moved to `device`."""
-    from dataclasses import fields, replace
-
-    moved = {}
-    for f in fields(batch):
-        value = getattr(batch, f.name)
-        if torch.is_tensor(value):
-            moved[f.name] = value.to(device)
-        elif isinstance(value, dict):
-            moved[f.name] = {k: v.to(device) for k, v in value.items()}
-    return replace(batch, **moved)
 
 
 def optimizer_state(trainable: list[torch.nn.Parameter]) -> dict:

@@ -51,6 +51,7 @@ from bench.common import (
 from bench.gligen_reference import gligen_forward
 from idadapter_core import IDAdapter, IDAdapterConfig
 from idadapter_core.hosts import DiffusersIDAdapter, transformer_blocks_in_forward_order
+from train.real_size_models import open_idadapter
 
 log = logging.getLogger("step_overhead")
 
@@ -71,12 +72,7 @@ def build_unet() -> nn.Module:
 
 def build_adapter(gate: float = 0.5) -> IDAdapter:
     """Full-size sd15 adapters with random weights and both gates of every block opened."""
-    adapter = IDAdapter(ADAPTER_CONFIG).eval()
-    with torch.no_grad():
-        for block in adapter.blocks:
-            block.alpha_attn.fill_(gate)
-            block.alpha_dense.fill_(gate)
-    return adapter
+    return open_idadapter(IDAdapter(ADAPTER_CONFIG), gate)
 
 
 def per_step_parameter_bytes(adapter: IDAdapter) -> int:

@@ -43,6 +43,7 @@ import torch
 
 from bench.comfy_host import REPO_ROOT, import_pack, random_sd15_unet, start_comfyui
 from bench.common import count_flops
+from train.real_size_models import open_idadapter
 
 ATTENTION_MODES = {"default": [], "pytorch": ["use_pytorch_cross_attention"]}
 INV_ADAPTER_FILE = "bench-sd15-inv.safetensors"
@@ -55,14 +56,7 @@ def write_weights_files(folder: Path, gate: float = 0.5) -> dict[str, str]:
     from idadapter_core import IDAdapter, IDAdapterConfig, save_idadapter
 
     torch.manual_seed(0)
-    adapter = IDAdapter(IDAdapterConfig.for_base("sd15")).eval()
-    with torch.no_grad():
-        for block in adapter.blocks:
-            block.alpha_attn.fill_(gate)
-            block.alpha_dense.fill_(gate)
-        for kv in adapter.cross_kv:
-            kv.to_k.diff.normal_(std=0.01)
-            kv.to_v.diff.normal_(std=0.01)
+    adapter = open_idadapter(IDAdapter(IDAdapterConfig.for_base("sd15")), gate, kv_std=0.01)
     files = {}
     for dtype in ("fp16", "fp32"):
         files[dtype] = f"bench-sd15-{dtype}.safetensors"

@@ -16,7 +16,7 @@ from conftest import shared_assets_or_skip
 
 from bench import real_scale, real_scale_meta, real_scale_run
 from bench.common import SD15_COMFY_UNET
-from train.real_size_models import FACE_PACK, IRESNET100, write_face_pack
+from train.real_size_models import FACE_PACK, IRESNET100, open_idadapter, write_face_pack
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -180,12 +180,7 @@ def export_full_size_idadapter(root: Path, face_dim: int, face_model: str) -> Pa
     adapter = IDAdapter(IDAdapterConfig(
         layout=PRESETS["sd15"], num_refs=4, clip_embed_dim=1024, clip_vision="clip-vision-h", face_model=face_model,
         mff=MFFConfig(clip_dim=1280, face_dim=face_dim, num_patches=256)))
-    with torch.no_grad():
-        for block in adapter.blocks:
-            block.alpha_attn.fill_(0.5)
-            block.alpha_dense.fill_(0.5)
-        for p in adapter.cross_kv.parameters():
-            p.normal_(std=0.01)
+    open_idadapter(adapter, 0.5, kv_std=0.01)
     optimizer = torch.optim.Adam(adapter.parameters(), lr=3e-5)
     checkpoint = save_checkpoint(Accelerator(cpu=True), root / "run", 1, adapter, optimizer,
                                  get_constant_schedule_with_warmup(optimizer, 0), {"method": "idadapter"})

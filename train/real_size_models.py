@@ -3,7 +3,7 @@ StableDiffusionPipeline of a base (its layout a `BaseSpec`: the real ones are be
 CLIPVisionModelWithProjection, and an insightface pack made of a real detector file and an IResNet exported as
 insightface exports its recognizers (glintr100.onnx is antelopev2's IResNet-100), plus the real photos of two
 identities. `quick` swaps in the trainer's tiny models and an IResNet of one block per stage: the same code paths in
-seconds. Used by bench/real_scale.py and its tests."""
+seconds. And training batches of random tensors in a base's shapes. Used by bench/real_scale.py and its tests."""
 from __future__ import annotations
 
 import logging
@@ -135,3 +135,79 @@ def write_models(workdir: Path, base: BaseSpec, clip_vision: dict, quick: bool, 
                            write_photos(workdir / "photos", assets))
     log.info("model folders written in %.0f s", time.perf_counter() - started)
     return folders
+
+
+
+# ---- adapters that act ---------------------------------------------------------------------------------------------
+
+def open_idadapter(adapter, gate: float = 0.5, kv_std: float = 0.0):
+    """`adapter` (an IDAdapter, random weights) made to act, in place, and returned in eval mode: both gates of every
+    block at `gate` (training starts them at 0) and, with `kv_std`, random cross-attention K/V differences."""
+    with torch.no_grad():
+        for block in adapter.blocks:
+            block.alpha_attn.fill_(gate)
+            block.alpha_dense.fill_(gate)
+        if kv_std:
+            for kv in adapter.cross_kv:
+                kv.to_k.diff.normal_(std=kv_std)
+                kv.to_v.diff.normal_(std=kv_std)
+    return adapter.eval()
+
+
+def open_inv_adapter(adapter, self_gate: float = 0.7, cross_std: float = 0.02):
+    """`adapter` (an InvAdapter) made to act, in place, and returned in eval mode: the self-attention gates open and a
+    non-zero cross branch, so that every part of the EAA does work."""
+    with torch.no_grad():
+        for block in adapter.blocks:
+            block.self_gate.fill_(self_gate)
+            torch.nn.init.normal_(block.cross_v.weight, std=cross_std)
+    return adapter.eval()
+
+
+# ---- random training batches ------------------------------------------------------------------------------------
+
+def random_idadapter_batch(base, batch: int, resolution: int, num_refs: int, face_dim: int, clip_dim: int,
+                           patches: int, embed_dim: int):
+    """An IDAdapter training batch of random latents and reference features in the shapes of `base` (a loaded
+    `train.models` base) at `resolution`."""
+    from train.fit import TrainingBatch
+
+    g = torch.Generator().manual_seed(batch)
+    latent = resolution // 8
+    keep = [True] * batch
+    return TrainingBatch(
+        latents=torch.randn(batch, 4, latent, latent, generator=g), noise=torch.randn(batch, 4, latent, latent, generator=g),
+        timesteps=torch.full((batch,), 500), clip_patches=torch.randn(batch, num_refs, patches, clip_dim, generator=g),
+        clip_image_embeds=torch.randn(batch, num_refs, embed_dim, generator=g),
+        face_embeds=torch.randn(batch, num_refs, face_dim, generator=g), keep_identity=torch.tensor(keep),
+        token_ids=base.text.tokenize(["a photo of a person"] * batch, ["person"] * batch, keep),
+        time_ids=torch.zeros(batch, 6))
+
+
+def random_inv_adapter_batch(base, batch: int, resolution: int):
+    """An Inv-Adapter training batch of random latents (target and reference) at `resolution`."""
+    from train.inv_adapter_step import InvAdapterBatch
+
+    g = torch.Generator().manual_seed(batch)
+    shape = (batch, 4, resolution // 8, resolution // 8)
+    plain = [False] * batch
+    return InvAdapterBatch(
+        latents=torch.randn(shape, generator=g), noise=torch.randn(shape, generator=g),
+        timesteps=torch.full((batch,), 500), reference_latents=torch.randn(shape, generator=g),
+        reference_noise=torch.randn(shape, generator=g), reference_rows=list(range(batch)),
+        token_ids=base.text.tokenize(["a photo of a person"] * batch, [""] * batch, plain),
+        null_token_ids=base.text.tokenize([""] * batch, [""] * batch, plain), time_ids=torch.zeros(batch, 6))
+
+
+def on_device(batch, device: torch.device):
+    """A batch dataclass with its tensors (and dicts of tensors) moved to `device`."""
+    from dataclasses import fields, replace
+
+    moved = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if torch.is_tensor(value):
+            moved[f.name] = value.to(device)
+        elif isinstance(value, dict):
+            moved[f.name] = {k: v.to(device) for k, v in value.items()}
+    return replace(batch, **moved)
