@@ -43,17 +43,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("inv_adapter_cost")
 
 
-def open_adapter(layout, seed: int = 0) -> InvAdapter:
-    torch.manual_seed(seed)
-    return open_inv_adapter(InvAdapter(InvAdapterConfig(layout)))
-
-
 def diffusers_run(args) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**dict(SD15_UNET, sample_size=args.size // 8)).eval()
-    adapter = open_adapter(layout_from_diffusers_unet(unet))
+    torch.manual_seed(0)
+    adapter = open_inv_adapter(InvAdapter(InvAdapterConfig(layout_from_diffusers_unet(unet))))
     g = torch.Generator().manual_seed(1)
     latent = args.size // 8
     x, ref = torch.randn(2, 4, latent, latent, generator=g), torch.randn(1, 4, latent, latent, generator=g)

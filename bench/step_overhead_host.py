@@ -43,7 +43,7 @@ import torch
 
 from bench.comfy_host import REPO_ROOT, import_pack, random_sd15_unet, start_comfyui
 from bench.common import count_flops
-from train.real_size_models import open_idadapter
+from train.real_size_models import open_idadapter, open_inv_adapter
 
 ATTENTION_MODES = {"default": [], "pytorch": ["use_pytorch_cross_attention"]}
 INV_ADAPTER_FILE = "bench-sd15-inv.safetensors"
@@ -65,12 +65,12 @@ def write_weights_files(folder: Path, gate: float = 0.5) -> dict[str, str]:
 
 
 def write_inv_adapter_file(folder: Path) -> str:
-    """The sd15 Inv-Adapter of inv_adapter_cost.py (open gates, non-zero cross branch), as an fp32 file."""
-    from bench.inv_adapter_cost import open_adapter
-    from idadapter_core.inv_adapter import save_inv_adapter
+    """The sd15 Inv-Adapter with random weights, open gates and a non-zero cross branch, as an fp32 file."""
+    from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, save_inv_adapter
     from idadapter_core.presets import get_preset
 
-    save_inv_adapter(folder / INV_ADAPTER_FILE, open_adapter(get_preset("sd15")))
+    torch.manual_seed(0)
+    save_inv_adapter(folder / INV_ADAPTER_FILE, open_inv_adapter(InvAdapter(InvAdapterConfig(get_preset("sd15")))))
     return INV_ADAPTER_FILE
 
 
