@@ -59,7 +59,7 @@ from bench.identity_learning import (  # noqa: E402
     ModelSpec, Session, build_base_components, frozen_features, make_identities, make_images, save_base_model,
     start_session, train_step, write_cache, write_clip_vision,
 )
-from bench.step_overhead import CPU_FLOP_FORMULAS, Variant, interleaved_times  # noqa: E402
+from bench.common import CPU_FLOP_FORMULAS, Variant, interleaved_times  # noqa: E402
 from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig  # noqa: E402
 from idadapter_core.hosts import DiffusersIDAdapter, layout_from_diffusers_unet  # noqa: E402
 from train.config import resolve_config  # noqa: E402
