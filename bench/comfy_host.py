@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
+from bench.common import SD15_COMFY_UNET
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +38,20 @@ def import_pack(path: Path = REPO_ROOT, module: str = "comfyui_idadapter") -> Mo
     sys.modules[module] = pack
     spec.loader.exec_module(pack)
     return pack
+
+
+def random_sd15_unet(image_size: int = 32, seed: int = 0):
+    """ComfyUI's own SD1.5 `UNetModel` (eval) with finite random weights: N(0, 0.02) matrices, norm scales 1, the
+    other vectors 0. Call after `start_comfyui`."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(seed)
+    unet = UNetModel(**dict(SD15_COMFY_UNET, image_size=image_size), operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.ndim > 1:
+                p.normal_(std=0.02)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    return unet.eval()

@@ -1,14 +1,17 @@
 """What the benchmarks share: timing (interleaved rounds, ratios, spread), FLOP and memory counting, and the real
 model layouts (SD1.5 / SD2.1 / SDXL UNets, their VAE and text encoders, OpenCLIP ViT-H/14) as diffusers /
 transformers / ComfyUI constructor arguments, the UNets' attention widths and heads read from
-`idadapter_core.presets`."""
+`idadapter_core.presets`, and the real bases whole (`BASES`, which train/real_size_models.py writes as model
+folders)."""
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from idadapter_core.presets import get_preset
 from train.config import FitConfig
+from train.real_size_models import BaseSpec
 
 log = logging.getLogger("bench")
 
@@ -83,6 +87,14 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+def print_and_write(summary: dict, print_table: Callable[[dict], None], json_path: Path | None) -> None:
+    """How every benchmark ends: its table on stdout, and its summary as JSON at `json_path` when one is given."""
+    print_table(summary)
+    if json_path:
+        json_path.write_text(json.dumps(summary, indent=2))
+        log.info("wrote %s", json_path)
 
 
 # ---- FLOPs and memory -------------------------------------------------------------------------------------------
@@ -163,7 +175,6 @@ NUM_REFS = FitConfig.num_refs
 """N = 4 references per sample, the paper's and the trainer's default."""
 FACE_ID_WEIGHT = FitConfig.face_id_weight
 """λ = 0.1 of the face-ID loss, the paper's and the trainer's default."""
-TEXT_TOKENS = 77
 
 
 def _unet_heads(base: str, channels: tuple[int, ...]) -> int | tuple[int, ...]:
@@ -223,3 +234,11 @@ VIT_H_14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, 
 """OpenCLIP ViT-H/14's vision tower (IDAdapter's CLIP image encoder) as transformers' `CLIPVisionConfig` kwargs."""
 VIT_H_14_OPENCLIP = dict(VIT_H_14, hidden_act="gelu", layer_norm_eps=1e-5)
 """The same with OpenCLIP's activation (gelu; transformers defaults to quick_gelu, which counts the same FLOPs)."""
+
+BASES = {
+    "sd15": BaseSpec(SD15_UNET, (dict(CLIP_L_TEXT, hidden_act="quick_gelu"),), SD_VAE, 512),
+    "sd21": BaseSpec(SD21_UNET, (OPENCLIP_H_TEXT,), SD_VAE, 512),
+    "sdxl": BaseSpec(SDXL_UNET, (dict(CLIP_L_TEXT, hidden_act="quick_gelu"), OPENCLIP_BIGG_TEXT), SD_VAE, 1024),
+}
+"""The real bases, whole. SD2.1 is SD2.1-base (512 px, ε); its 768-v twin has the same shapes. SDXL is counted on
+the meta device by bench/real_scale.py, never built."""

@@ -20,209 +20,80 @@ Caching: with COMFYUI_PATH set and ComfyUI's python, the graph Load InsightFace 
 Preview Image (stand-in pack from ../shared, a ViT-H/14-layout ComfyUI CLIP_VISION, obama.jpg through Load Image)
 runs twice in ComfyUI's own PromptExecutor: the second run's time and the nodes it executed are printed.
 
-Run: `.venv/bin/python bench/face_encode.py [--quick] [--refs N] [--json PATH]`;
-     `COMFYUI_PATH=/path/to/ComfyUI <ComfyUI python> bench/face_encode.py` adds the cache measurement.
+The model architectures are train/insightface_archs.py's.
+Run: `python -m bench.face_encode [--quick] [--refs N] [--json PATH]`;
+     `COMFYUI_PATH=/path/to/ComfyUI <ComfyUI python> -m bench.face_encode` adds the cache measurement.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from bench.comfy_host import import_pack, start_comfyui  # noqa: E402
-from idadapter_core.face import (  # noqa: E402
+from bench.comfy_host import import_pack, start_comfyui
+from bench.common import VIT_H_14_OPENCLIP, best_seconds, count_flops, print_and_write
+from idadapter_core.face import (
     DetectedFace, FaceAnalyzer, align_reference, arcface_embeddings, clip_features, load_face_analyzer,
     load_image, to_rgb_uint8,
 )
-from idadapter_core.hosts import clip_encoder_from_transformers  # noqa: E402
-
-log = logging.getLogger("face_encode")
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], np.float32
+from idadapter_core.hosts import clip_encoder_from_transformers
+from train.insightface_archs import (
+    IRESNET100_STAGES, SCRFD10G, IResNet, export_like_insightface, export_scrfd_like_insightface,
 )
-VIT_H_14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
-                patch_size=14, projection_dim=1024, hidden_act="gelu")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
+log = logging.getLogger("face_encode")
 
 
-# ---- SCRFD-10G ------------------------------------------------------------------------------------------------
+# ---- models ---------------------------------------------------------------------------------------------------
 
-def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(conv_bn_relu(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(cout))
-        # ResNetV1e "avg_down" shortcut: average-pool, then 1x1 conv
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity(),
-            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
-
-
-class SCRFD10G(nn.Module):
-    """insightface's scrfd_10g_bnkps: outputs scores x3, box distances x3, keypoints x3 (strides 8, 16, 32)."""
-
-    strides = (8, 16, 32)
-
-    def __init__(self, blocks=(3, 4, 2, 3), planes=(56, 88, 88, 224), base=56, neck=56, feat=80, anchors=2) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(conv_bn_relu(3, base // 2, 2), conv_bn_relu(base // 2, base // 2),
-                                  conv_bn_relu(base // 2, base), nn.MaxPool2d(3, 2, 1))
-        stages, cin = [], base
-        for index, (count, cout) in enumerate(zip(blocks, planes)):
-            stride = 1 if index == 0 else 2
-            stages.append(nn.Sequential(*(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(count))))
-            cin = cout
-        self.stages = nn.ModuleList(stages)
-        levels = planes[1:]  # PAFPN start_level=1: strides 8, 16, 32
-        self.lateral = nn.ModuleList(nn.Conv2d(c, neck, 1) for c in levels)
-        self.fpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in levels)
-        self.downsample = nn.ModuleList(nn.Conv2d(neck, neck, 3, 2, 1) for _ in levels[1:])
-        self.pafpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in levels[1:])
-        self.towers = nn.ModuleList(
-            nn.Sequential(conv_bn_relu(neck, feat), conv_bn_relu(feat, feat), conv_bn_relu(feat, feat)) for _ in self.strides
-        )
-        self.cls = nn.ModuleList(nn.Conv2d(feat, anchors, 3, 1, 1) for _ in self.strides)
-        self.reg = nn.ModuleList(nn.Conv2d(feat, anchors * 4, 3, 1, 1) for _ in self.strides)
-        self.kps = nn.ModuleList(nn.Conv2d(feat, anchors * 10, 3, 1, 1) for _ in self.strides)
-        for cls in self.cls:
-            nn.init.constant_(cls.bias, -20.0)  # random weights: keep every anchor below the threshold
-
-    def forward(self, image: torch.Tensor):
-        x = self.stem(image)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        laterals = [conv(f) for conv, f in zip(self.lateral, features[1:])]
-        for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + nn.functional.interpolate(laterals[i], size=laterals[i - 1].shape[2:])
-        outs = [conv(f) for conv, f in zip(self.fpn, laterals)]
-        for i in range(len(outs) - 1):
-            outs[i + 1] = outs[i + 1] + self.downsample[i](outs[i])
-        outs = [outs[0]] + [conv(f) for conv, f in zip(self.pafpn, outs[1:])]
-        scores, boxes, keypoints = [], [], []
-        for level, feature in enumerate(outs):
-            tower = self.towers[level](feature)
-            flat = lambda t, width: t.permute(0, 2, 3, 1).reshape(-1, width)
-            scores.append(torch.sigmoid(flat(self.cls[level](tower), 1)))
-            boxes.append(flat(self.reg[level](tower), 4))
-            keypoints.append(flat(self.kps[level](tower), 10))
-        return (*scores, *boxes, *keypoints)
-
-
-# ---- ArcFace IResNet-100 -------------------------------------------------------------------------------------
-
-class IBasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout),
-            nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-        )
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) + self.shortcut(x)
-
-
-class IResNet100(nn.Module):
-    """insightface's ArcFace backbone iresnet100 (glintr100 / antelopev2): 112x112 RGB -> 512."""
-
-    def __init__(self, layers=(3, 13, 30, 3), widths=(64, 128, 256, 512), embed_dim=512) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        blocks, cin = [], 64
-        for count, cout in zip(layers, widths):
-            blocks += [IBasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(count)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.BatchNorm2d(512), nn.Flatten(), nn.Linear(512 * 7 * 7, embed_dim), nn.BatchNorm1d(embed_dim))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(image)))
-
-
-def gmacs(model: nn.Module, *inputs: torch.Tensor) -> float:
-    """Multiply-accumulates (FlopCounterMode counts 2 FLOPs per MAC), in billions."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*inputs)
-    return counter.get_total_flops() / 2e9
+def gmacs(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    """Multiply-accumulates (2 FLOPs per MAC), in billions."""
+    with torch.no_grad():
+        return count_flops(lambda: model(*inputs)) / 2e9
 
 
 def export_pack(folder: Path) -> dict[str, float]:
     """`folder/` with the SCRFD-10G and IResNet-100 layouts as ONNX (random weights); returns their GMACs."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    detector, recognizer = SCRFD10G().eval(), IResNet100().eval()
-    outputs = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in SCRFD10G.strides]
+    detector, recognizer = SCRFD10G().eval(), IResNet(IRESNET100_STAGES).eval()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
         warnings.simplefilter("ignore")
-        export_onnx(detector, recognizer, folder, outputs)
+        export_scrfd_like_insightface(detector, folder / "scrfd_10g_layout.onnx")
+        export_like_insightface(recognizer, folder / "iresnet100_layout.onnx")
     return {"detector @640x640": gmacs(detector, torch.zeros(1, 3, 640, 640)),
             "detector @640x480 (VGA)": gmacs(detector, torch.zeros(1, 3, 480, 640)),
             "recognizer": gmacs(recognizer, torch.zeros(1, 3, 112, 112))}
-
-
-def export_onnx(detector: nn.Module, recognizer: nn.Module, folder: Path, outputs: list[str]) -> None:
-    torch.onnx.export(detector, (torch.zeros(1, 3, 640, 640),), str(folder / "scrfd_10g_layout.onnx"),
-                      input_names=["input"], output_names=outputs,
-                      dynamic_axes={"input": {2: "height", 3: "width"}, **{n: {0: f"{n}_rows"} for n in outputs}},
-                      opset_version=17, dynamo=False)
-    torch.onnx.export(recognizer, (torch.zeros(1, 3, 112, 112),), str(folder / "iresnet100_layout.onnx"),
-                      input_names=["data"], output_names=["embedding"], opset_version=17, dynamo=False)
 
 
 def build_clip_vit_h():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_14)).eval()
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_14_OPENCLIP)).eval()
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """The fastest of `repeats` runs: on a shared machine other processes only ever add time."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def fixed_face(image: np.ndarray) -> DetectedFace:
     """Landmarks of a 300 px face in the middle of the photo (the random detector finds none)."""
     height, width = image.shape[:2]
-    landmarks = (ARCFACE_TEMPLATE - 56.0) * (300 / 112) + np.array([width / 2, height / 2], np.float32)
+    from insightface.utils.face_align import arcface_dst
+
+    landmarks = (arcface_dst - 56.0) * (300 / 112) + np.array([width / 2, height / 2], np.float32)
     return DetectedFace(0, np.array([width / 2 - 150, height / 2 - 150, width / 2 + 150, height / 2 + 150], np.float32),
                         landmarks.astype(np.float32), 1.0, 1, 640)
 
@@ -267,8 +138,8 @@ def time_real_detector(image: np.ndarray, repeats: int) -> float | None:
 # ---- ComfyUI cache --------------------------------------------------------------------------------------------
 
 def comfyui_module(name: str):
-    """A top-level module of ComfyUI itself (`nodes`, ...), never the pack's folder of the same name: this script
-    appends the repository to sys.path, so the check makes a wrong resolution fail loudly."""
+    """A top-level module of ComfyUI itself (`nodes`, ...), never the pack's folder of the same name: the repository is
+    on sys.path (`python -m` runs from its root), so the check makes a wrong resolution fail loudly."""
     module = importlib.import_module(name)
     comfy_root = Path(os.environ["COMFYUI_PATH"]).resolve()
     if Path(module.__file__).resolve().parent != comfy_root:
@@ -356,21 +227,22 @@ def comfy_cache_runs(work: Path, runs: int = 2) -> list[dict]:
     return results
 
 
-# ---- report ---------------------------------------------------------------------------------------------------
+# ---- measure, report ------------------------------------------------------------------------------------------
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and references (a smoke run)")
-    parser.add_argument("--refs", type=int, default=None, help="N references in the CLIP batch (default 4; 2 quick)")
-    parser.add_argument("--json", type=Path, help="also write the numbers here")
-    options = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    refs = options.refs or (2 if options.quick else 4)
-    repeats = 2 if options.quick else 5
+@dataclass
+class Settings:
+    refs: int
+    """N references in the CLIP batch."""
+    repeats: int
+    """Timed runs of each stage (the fastest is reported)."""
+
+
+def measure(settings: Settings) -> dict:
+    """Every number the table shows: the models' GMACs, each stage's seconds per reference, and the cache runs."""
     import insightface
 
     photo = to_rgb_uint8(load_image(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"))
-    report: dict = {"cpu_threads": torch.get_num_threads(), "refs": refs, "repeats": repeats,
+    report: dict = {"cpu_threads": torch.get_num_threads(), **asdict(settings),
                     "load_average": "/".join(f"{v:.1f}" for v in os.getloadavg()),
                     "image": f"insightface t1.jpg {photo.shape[1]}x{photo.shape[0]}"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -383,19 +255,24 @@ def main() -> None:
         report["build_seconds"] = time.perf_counter() - start
         report["embed_dim"] = analyzer.embed_dim
         encode_clip = clip_encoder_from_transformers(clip)
-        stages = time_stages(analyzer, encode_clip, photo, refs, repeats)
-        report["one_photo_replicated_seconds"] = time_one_photo_replicated(analyzer, encode_clip, photo, refs, repeats)
+        stages = time_stages(analyzer, encode_clip, photo, settings.refs, settings.repeats)
+        report["one_photo_replicated_seconds"] = time_one_photo_replicated(analyzer, encode_clip, photo,
+                                                                           settings.refs, settings.repeats)
         del clip, encode_clip
         report["stages_seconds_per_ref"] = stages
-        report["real_scrfd_2.5g_detect_seconds"] = time_real_detector(photo, repeats)
+        report["real_scrfd_2.5g_detect_seconds"] = time_real_detector(photo, settings.repeats)
         if os.environ.get("COMFYUI_PATH") and (SHARED_ASSETS / "faces").is_dir():
             report["comfyui_cache"] = comfy_cache_runs(work / "comfy")
         else:
             report["comfyui_cache"] = "not measured: needs COMFYUI_PATH, ComfyUI's python and ../shared/assets"
+    return report
 
+
+def print_table(report: dict) -> None:
+    stages = report["stages_seconds_per_ref"]
     total = sum(stages.values())
     print(f"\nFace features per reference, CPU ({report['cpu_threads']} torch threads), {report['image']}, "
-          f"N = {refs}, best of {repeats}, load average {report['load_average']}")
+          f"N = {report['refs']}, best of {report['repeats']}, load average {report['load_average']}")
     print(f"{'stage':<30}{'model (random weights)':<34}{'GMACs':>8}{'ms/ref':>10}{'share':>8}")
     rows = [("detect", "SCRFD-10G layout @640", report["gmacs"]["detector @640x640"]),
             ("align (ArcFace + CLIP crops)", "insightface norm_crop + 224 crop", 0.0),
@@ -404,7 +281,7 @@ def main() -> None:
     for stage, model, macs in rows:
         print(f"{stage:<30}{model:<34}{macs:>8.2f}{stages[stage] * 1e3:>10.1f}{stages[stage] / total:>8.1%}")
     print(f"{'total':<30}{'':<34}{'':>8}{total * 1e3:>10.1f}{1:>8.0%}")
-    print(f"N = {refs} references from one photo by replication (each stage runs once): "
+    print(f"N = {report['refs']} references from one photo by replication (each stage runs once): "
           f"{report['one_photo_replicated_seconds'] * 1e3:.1f} ms in all")
     print(f"(SCRFD-10G layout at VGA 640x480: {report['gmacs']['detector @640x480 (VGA)']:.2f} GMACs; "
           f"ArcFace width read from the recognizer: {report['embed_dim']})")
@@ -418,8 +295,17 @@ def main() -> None:
         for run in cache:
             print(f"  run {run['run']}: {run['seconds'] * 1e3:10.1f} ms, executed {run['executed'] or 'nothing'}, "
                   f"served from cache {run['cached'] or 'nothing'}")
-    if options.json:
-        options.json.write_text(json.dumps(report, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and references (a smoke run)")
+    parser.add_argument("--refs", type=int, default=None, help="N references in the CLIP batch (default 4; 2 quick)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    report = measure(Settings(refs=options.refs or (2 if options.quick else 4), repeats=2 if options.quick else 5))
+    print_and_write(report, print_table, options.json)
 
 
 if __name__ == "__main__":

@@ -17,46 +17,30 @@ Reported:
   same reference); interleaved rounds, median of per-round ratios; goal cached <= 1.5;
 - the FLOP floor of both (`torch.utils.flop_counter`, 2 x MACs; in host mode with `--flops`);
 - memory of the cached features: per step and for a whole generation, fp32 and fp16.
-Run: `python bench/inv_adapter_cost.py [--quick] [--size 512] [--rounds 3]`, or `COMFYUI_PATH=... python
-bench/inv_adapter_cost.py --host [--attention pytorch] [--flops] [--rounds 0] [--packs ...]`. Prints a table, exits 0.
+Run: `python -m bench.inv_adapter_cost [--quick] [--size 512] [--rounds 3] [--json PATH]`, or `COMFYUI_PATH=...
+python -m bench.inv_adapter_cost --host [--attention pytorch] [--flops] [--rounds 0] [--packs ...]`. Prints a table,
+exits 0.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import SD15_UNET, Variant, count_flops, instrumented, interleaved_times, median_ratio, ratios
+from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser, layout_from_diffusers_unet
+from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, ddim_invert, inversion_sigmas
+from train.real_size_models import open_inv_adapter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from bench.step_overhead import CPU_FLOP_FORMULAS, SD15_UNET, Variant, instrumented, interleaved_times  # noqa: E402
-from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser, layout_from_diffusers_unet  # noqa: E402
-from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, ddim_invert, inversion_sigmas  # noqa: E402
-
 log = logging.getLogger("inv_adapter_cost")
-
-
-def open_adapter(layout, seed: int = 0) -> InvAdapter:
-    torch.manual_seed(seed)
-    adapter = InvAdapter(InvAdapterConfig(layout)).eval()
-    with torch.no_grad():
-        for block in adapter.blocks:
-            block.self_gate.fill_(0.7)
-            torch.nn.init.normal_(block.cross_v.weight, std=0.02)
-    return adapter
-
-
-def median_ratio(times: dict[str, list[float]], name: str, base: str = "base") -> float:
-    return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
 def diffusers_run(args) -> dict:
@@ -64,7 +48,8 @@ def diffusers_run(args) -> dict:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**dict(SD15_UNET, sample_size=args.size // 8)).eval()
-    adapter = open_adapter(layout_from_diffusers_unet(unet))
+    torch.manual_seed(0)
+    adapter = open_inv_adapter(InvAdapter(InvAdapterConfig(layout_from_diffusers_unet(unet))))
     g = torch.Generator().manual_seed(1)
     latent = args.size // 8
     x, ref = torch.randn(2, 4, latent, latent, generator=g), torch.randn(1, 4, latent, latent, generator=g)
@@ -97,7 +82,8 @@ def diffusers_run(args) -> dict:
         ddim_invert(denoise, ref, sigmas)
         per_evaluation = (time.perf_counter() - start) / args.inversion_steps
     binding.detach()
-    return dict(host="diffusers (SDPA)", times=times, flops=flops, per_evaluation=per_evaluation, features=features)
+    return dict(host="diffusers (SDPA)", times=times, flops=flops, per_evaluation=per_evaluation,
+                feature_elements=sum(f.numel() for f in features))
 
 
 def comfy_run(args) -> dict:
@@ -107,19 +93,12 @@ def comfy_run(args) -> dict:
     cross-attention alone. `--packs name=PATH,...` measures several checkouts of the pack side by side."""
     import importlib
 
-    from bench.comfy_host import import_pack, start_comfyui
-    from bench.step_overhead_host import SD15_COMFY_UNET
+    from bench.comfy_host import import_pack, random_sd15_unet, start_comfyui
 
     start_comfyui(*(["use_pytorch_cross_attention"] if args.attention == "pytorch" else []))
-    import comfy.ops
     from comfy.ldm.modules import attention as comfy_attention
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    torch.manual_seed(0)
-    unet = UNetModel(**dict(SD15_COMFY_UNET, image_size=args.size // 8), operations=comfy.ops.disable_weight_init).eval()
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.02 if p.ndim > 1 else torch.ones_like(p) if "norm" in name else torch.zeros_like(p))
+    unet = random_sd15_unet(args.size // 8)
     g = torch.Generator().manual_seed(1)
     latent = args.size // 8
     real = dict(x=torch.randn(2, 4, latent, latent, generator=g), ref=torch.randn(1, 4, latent, latent, generator=g),
@@ -143,11 +122,7 @@ def comfy_run(args) -> dict:
         inv = importlib.import_module(f"{module}.idadapter_core.inv_adapter")
         blocks = comfy_binding.describe_unet(unet)
         torch.manual_seed(0)
-        model = inv.InvAdapter(inv.InvAdapterConfig(blocks.layout)).eval()
-        with torch.no_grad():
-            for block in model.blocks:
-                block.self_gate.fill_(0.7)
-                torch.nn.init.normal_(block.cross_v.weight, std=0.02)
+        model = open_inv_adapter(inv.InvAdapter(inv.InvAdapterConfig(blocks.layout)))
         adapter = comfy_binding.LoadedAdapter(model, None, "bench", "")
         reference = inv.ReferenceTrajectory(torch.tensor([1.0]), real["ref"][None], {"c_crossattn": real["null"]}, "bench")
         object.__setattr__(reference, "index_for", lambda *_: 0)  # one point; no look-up on fake tensors
@@ -204,16 +179,10 @@ def comfy_run(args) -> dict:
         if args.flops:
             with FakeTensorMode(allow_non_fake_inputs=True) as fake:
                 inputs.update({name: fake.from_tensor(value) for name, value in real.items()})
-                flops = {v.name: counted_flops(v.run) for v in variants}
+                flops = {v.name: count_flops(v.run) for v in variants}
             inputs.update(real)
         times = interleaved_times(variants, args.rounds, 1) if args.rounds else {v.name: [] for v in variants}
     return dict(host=f"ComfyUI ({comfy_attention.optimized_attention.__name__})", times=times, flops=flops)
-
-
-def counted_flops(fn: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def breakdown(result: dict, args) -> str:
@@ -225,7 +194,7 @@ def breakdown(result: dict, args) -> str:
     for name in times:
         if name == "base":
             continue
-        row = [a / b for a, b in zip(times[name], times["base"])] or [float("nan")]
+        row = ratios(times[name], times["base"]) or [float("nan")]
         extra = ""
         if flops:
             extra = f"   FLOPs ÷ base {flops[name] / flops['base']:.3f}"
@@ -235,7 +204,7 @@ def breakdown(result: dict, args) -> str:
 
 def report(result: dict, args) -> str:
     times, flops = result["times"], result["flops"]
-    per_step = sum(f.numel() for f in result["features"])
+    per_step = result["feature_elements"]
     lines = [
         f"Inv-Adapter cost, {result['host']}, SD1.5 layout, {args.size}x{args.size}, batch 2 + reference 1, "
         f"{args.rounds} rounds",
@@ -270,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="--host: name=PATH,... checkouts of the pack measured side by side")
     parser.add_argument("--flops", action="store_true", help="--host: also count each variant's FLOPs")
     parser.add_argument("--parts", default="", help="--host: only these parts (comma list; default all)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.rounds = 256, 2
@@ -277,9 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     if args.host:
         args.packs = dict(item.split("=", 1) for item in args.packs.split(","))
-        print(breakdown(comfy_run(args), args))
+        result = comfy_run(args)
+        print(breakdown(result, args))
     else:
-        print(report(diffusers_run(args), args))
+        result = diffusers_run(args)
+        print(report(result, args))
+    if args.json:
+        args.json.write_text(json.dumps(dict(result, settings=vars(args)), indent=2, default=str))
 
 
 if __name__ == "__main__":

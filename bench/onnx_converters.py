@@ -2,8 +2,8 @@
 
 Recognizers: the real stand-in MobileFaceNet (../shared/assets, 128-d) on aligned crops of the real photos (the
 pack's own detector and alignment), and random-weight MobileFaceNet, IResNet-50 and IResNet-100 exported like
-insightface's files (tests/recognizer_archs.py) on random crops. Plus the coverage graphs of
-tests/test_arcface_torch.py (single ops, an mxnet-style opset-8 recognizer).
+insightface's files (train/insightface_archs.py) on random crops. Plus the coverage graphs of
+train/onnx_reference_graphs.py (single ops, an mxnet-style opset-8 recognizer), which tests/test_arcface_torch.py runs.
 
 For each recognizer and each converter:
   * deviation of the embedding from onnxruntime as insightface runs it (`ArcFaceONNX.get_feat`, one crop at a
@@ -23,7 +23,7 @@ onnx2torch needs torchvision at import; PyPI's torchvision does not import besid
 uses, so this runs in any venv where `import onnx2torch` works (e.g. torch 2.14.1 + torchvision 0.29.1) and
 reports ours alone where it does not.
 
-Run: `python bench/onnx_converters.py [--quick] [--json PATH]` (--quick: no IResNet-100, fewer rounds), in e.g.
+Run: `python -m bench.onnx_converters [--quick] [--json PATH]` (--quick: no IResNet-100, fewer rounds), in e.g.
 `python3 -m venv V && V/bin/pip install torch==2.14.1 torchvision==0.29.1 onnx2torch==1.5.15 onnx onnxruntime
 insightface opencv-python-headless einops safetensors pillow pytest` (5.6 GB: 2.14.1 is a CUDA build).
 
@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
 import tempfile
-import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -51,18 +49,17 @@ import numpy as np
 import onnx
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
-for extra in (REPO_ROOT, REPO_ROOT / "tests"):
-    if str(extra) not in sys.path:
-        sys.path.append(str(extra))
-
-from recognizer_archs import (  # noqa: E402
+from bench.common import Variant, interleaved_times, print_and_write, ratios, timed
+from train.arcface_torch import insightface_input_normalisation
+from train.insightface_archs import (
     IRESNET50_STAGES, IRESNET100_STAGES, IResNet, MobileFaceNet, as_input, export_like_insightface, get_feat_rgb,
     random_crops, randomize, real_crops,
 )
-from train.arcface_torch import insightface_input_normalisation  # noqa: E402
-from train.onnx_to_torch import convert_onnx  # noqa: E402
+from train.onnx_reference_graphs import SINGLE_OP_GRAPHS, mxnet_style_recognizer, rand
+from train.onnx_to_torch import convert_onnx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
 
 try:
     import onnx2torch
@@ -171,12 +168,6 @@ def trainer_checks(graph: torch.nn.Module, mean: float, std: float, image: torch
     return out
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def bench_recognizer(label: str, path: Path, crops: np.ndarray, rounds: int, batch: int) -> dict:
     model = onnx.load(str(path))
     mean, std = insightface_input_normalisation(model)
@@ -223,28 +214,22 @@ def speed(embedders: dict, image: torch.Tensor, target: torch.Tensor, rounds: in
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for embed in embedders.values():
-            input_gradient(embed, image, target)
-        times: dict[str, list[float]] = {name: [] for name in embedders}
-        for r in range(rounds):
-            order = list(embedders) if r % 2 == 0 else list(reversed(embedders))
-            for name in order:
-                times[name].append(timed(lambda: input_gradient(embedders[name], image, target)))
+        times = interleaved_times([Variant(name, lambda embed=embed: input_gradient(embed, image, target))
+                                   for name, embed in embedders.items()], rounds, warmup=1)
     finally:
         torch.set_num_threads(threads)
-    ratios = [t / o for t, o in zip(times["onnx2torch"], times["ours"])]
+    per_round = ratios(times["onnx2torch"], times["ours"])
     fastest = {name: min(values) for name, values in times.items()}
     return {"batch": len(image), "rounds": rounds, "ours_min_s": fastest["ours"],
             "onnx2torch_min_s": fastest["onnx2torch"], "ratio_of_fastest": fastest["onnx2torch"] / fastest["ours"],
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            "ratio_median": statistics.median(per_round), "ratio_min": min(per_round), "ratio_max": max(per_round)}
 
 
 # ---------------------------------------------------------------------------------------------- coverage graphs
 
 def coverage() -> dict:
-    """The single-op graphs and the mxnet-style recognizer of tests/test_arcface_torch.py, vs onnxruntime."""
+    """The single-op graphs and the mxnet-style recognizer of train/onnx_reference_graphs.py, vs onnxruntime."""
     import onnxruntime
-    from test_arcface_torch import SINGLE_OP_GRAPHS, mxnet_style_recognizer, rand
 
     cases = {**{k: v for k, v in SINGLE_OP_GRAPHS.items()}, "mxnet-style recognizer (opset 8)": mxnet_style_recognizer}
     out = {}
@@ -291,7 +276,7 @@ def fmt(value) -> str:
     return str(value)
 
 
-def report(results: dict) -> None:
+def print_table(results: dict) -> None:
     print(f"\ntorch {torch.__version__}; onnx2torch {package_version('onnx2torch') or '-'}; torchvision "
           f"{package_version('torchvision') or '-'}" + (f" ({ONNX2TORCH_ERROR})" if ONNX2TORCH_ERROR else ""))
     for label, r in results["recognizers"].items():
@@ -323,17 +308,15 @@ def report(results: dict) -> None:
         print(f"  {case:72s} " + "  ".join(f"{n}: {fmt(v)}" for n, v in row.items()))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="no IResNet-100, 3 rounds (else 9)")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    rounds = args.rounds or (3 if args.quick else 9)
-    warnings.filterwarnings("ignore")
-    if ONNX2TORCH_ERROR:
-        print(f"onnx2torch unavailable here ({ONNX2TORCH_ERROR}); measuring ours alone")
+@dataclass
+class Settings:
+    rounds: int
+    """Interleaved forward+backward rounds per recognizer."""
+    iresnet100: bool
+    """Also the random IResNet-100 (glintr100's layout; the largest file)."""
 
+
+def measure(settings: Settings) -> dict:
     results: dict = {"torch": torch.__version__, "onnx2torch": package_version("onnx2torch"),
                      "torchvision": package_version("torchvision"), "onnx2torch_error": ONNX2TORCH_ERROR,
                      "recognizers": {}}
@@ -347,17 +330,28 @@ def main() -> None:
             print(f"no real stand-in recognizer at {standin}: skipped")
         archs = {"random MobileFaceNet (512-d)": lambda: MobileFaceNet(),
                  "random IResNet-50 (w600k_r50 layout)": lambda: IResNet(IRESNET50_STAGES)}
-        if not args.quick:
+        if settings.iresnet100:
             archs["random IResNet-100 (glintr100 layout)"] = lambda: IResNet(IRESNET100_STAGES)
         for i, (label, build) in enumerate(archs.items()):
             path = export_like_insightface(randomize(build(), seed=i), Path(tmp) / f"rec{i}.onnx")
             recognizers.append((label, path, random_crops(3, seed=i), 2))
         for label, path, crops, batch in recognizers:
-            results["recognizers"][label] = bench_recognizer(label, path, crops, rounds, batch)
+            results["recognizers"][label] = bench_recognizer(label, path, crops, settings.rounds, batch)
     results["coverage"] = coverage()
-    report(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="no IResNet-100, 3 rounds (else 9)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if ONNX2TORCH_ERROR:
+        print(f"onnx2torch unavailable here ({ONNX2TORCH_ERROR}); measuring ours alone")
+    results = measure(Settings(rounds=args.rounds or (3 if args.quick else 9), iresnet100=not args.quick))
+    print_and_write(results, print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -23,149 +23,43 @@ Memory: adapter parameters (blocks + cross-attention K/V deltas; MFF and identit
 
 Goals: (a) <= 1.1 x (b); (c) <= 0.85; extra memory (parameters + K/V cache + step peak) <= adapter size + 5 %.
 Prints a table with PASS/MISS per goal and exits 0 (it is a report).
-Run: `.venv/bin/python bench/step_overhead.py [--quick] [--json PATH]` (full: about 10 minutes on 2 cores).
+Run: `python -m bench.step_overhead [--quick] [--json PATH]` (full: about 10 minutes on 2 cores).
 
-`--host` (needs COMFYUI_PATH; `step_overhead_host.py`) measures the same adapter where users run it: KSampler steps
+`bench/step_overhead_host.py` (needs COMFYUI_PATH) measures the same adapter where users run it: KSampler steps
 in a real ComfyUI with and without Apply IDAdapter, fp16 and fp32 weights files, ComfyUI's default CPU attention
 and `--use-pytorch-cross-attention`, the faster mode and the per-step K/V path, and optionally the pack before a
-change (`--before PATH`). Run: `COMFYUI_PATH=... python bench/step_overhead.py --host [--rounds 3] [--json PATH]`.
+change (`--before PATH`). Run: `COMFYUI_PATH=... python -m bench.step_overhead_host [--rounds 3] [--json PATH]`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
 import sys
-import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from idadapter_core import IDAdapter, IDAdapterConfig  # noqa: E402
-from idadapter_core.hosts import DiffusersIDAdapter, transformer_blocks_in_forward_order  # noqa: E402
-
-from bench.gligen_reference import gligen_forward  # noqa: E402
+from bench.common import (
+    MB, SD15_UNET, Instrumented, Variant, instrumented, interleaved_times, print_and_write, ratios, timed, verdict,
+)
+from bench.gligen_reference import gligen_forward
+from idadapter_core import IDAdapter, IDAdapterConfig
+from idadapter_core.hosts import DiffusersIDAdapter, transformer_blocks_in_forward_order
+from train.real_size_models import open_idadapter
 
 log = logging.getLogger("step_overhead")
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
 ADAPTER_CONFIG = IDAdapterConfig.for_base("sd15")
 PAPER_TOKENS = ADAPTER_CONFIG.num_ref_tokens
 GOAL_WASTE = 1.1
 GOAL_VS_NAIVE = 0.85
 GOAL_MEMORY = 1.05
-MB = 1e6
-
-
-# ---- instruments -------------------------------------------------------------------------------------------------
-
-class TensorMemory(TorchDispatchMode):
-    """Live and peak bytes of the tensor storages that ops allocate while the mode is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._tracked: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self._track(tensor.untyped_storage(), inputs)
-        return out
-
-    def _track(self, storage: torch.UntypedStorage, inputs: set[int]) -> None:
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if not nbytes or key in inputs or key in self._tracked:
-            return  # a view, an in-place result or a storage already counted
-        self._tracked.add(key)
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key, nbytes)
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._tracked.discard(key)
-        self.live -= nbytes
-
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-CPU_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-
-
-@dataclass
-class Instrumented:
-    flops: int
-    peak_bytes: int
-    retained_bytes: int
-
-
-def instrumented(fn: Callable[[], Any]) -> Instrumented:
-    """FLOPs, peak allocated bytes and bytes still allocated afterwards, of one call of `fn` (result discarded)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as flops, TensorMemory() as memory:
-        fn()
-        retained = memory.live
-    return Instrumented(flops.get_total_flops(), memory.peak, retained)
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-@dataclass
-class Variant:
-    name: str
-    run: Callable[[], Any]
-    prepare: Callable[[], None] = lambda: None
-    """Untimed set-up before each timed run (attach/detach the adapter, set E_r)."""
-
-
-def interleaved_times(variants: list[Variant], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per run of each variant; every round runs each variant once, the order rotated round by round."""
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for index in range(warmup + rounds):
-        shift = index % len(variants)
-        measured = index >= warmup
-        for variant in variants[shift:] + variants[:shift]:
-            variant.prepare()
-            seconds = timed(variant.run)
-            if measured:
-                times[variant.name].append(seconds)
-        if measured:
-            log.info("round %d/%d: %s", index - warmup + 1, rounds,
-                     ", ".join(f"{name} {values[-1]:.2f} s" for name, values in times.items()))
-        else:
-            log.info("warm-up round %d/%d done", index + 1, warmup)
-    return times
-
-
-def ratios(numerator: list[float], denominator: list[float]) -> list[float]:
-    return [a / b for a, b in zip(numerator, denominator)]
 
 
 # ---- models and inputs -------------------------------------------------------------------------------------------
@@ -178,12 +72,7 @@ def build_unet() -> nn.Module:
 
 def build_adapter(gate: float = 0.5) -> IDAdapter:
     """Full-size sd15 adapters with random weights and both gates of every block opened."""
-    adapter = IDAdapter(ADAPTER_CONFIG).eval()
-    with torch.no_grad():
-        for block in adapter.blocks:
-            block.alpha_attn.fill_(gate)
-            block.alpha_dense.fill_(gate)
-    return adapter
+    return open_idadapter(IDAdapter(ADAPTER_CONFIG), gate)
 
 
 def per_step_parameter_bytes(adapter: IDAdapter) -> int:
@@ -393,10 +282,6 @@ def run_benchmark(unet: nn.Module, adapter: IDAdapter, settings: Settings, seed:
 
 # ---- report ------------------------------------------------------------------------------------------------------
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def summarize(settings: Settings, steps: StepReport, blocks: list[BlockResult], parameter_bytes: int) -> dict:
     """Every number the table shows, per E_r length, with the goals judged."""
     per_tokens = []
@@ -491,11 +376,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    argv = sys.argv[1:] if argv is None else argv
-    if "--host" in argv:
-        from bench.step_overhead_host import run_host
-
-        return run_host([arg for arg in argv if arg != "--host"])
     args = parse_args(argv)
     settings = Settings(
         latent=args.latent or (32 if args.quick else 64),
@@ -506,10 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     log.info("building the SD1.5 UNet and the sd15 adapter (random weights)")
     summary = run_benchmark(build_unet(), build_adapter(), settings)
-    print_table(summary)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
-        log.info("wrote %s", args.json)
+    print_and_write(summary, print_table, args.json)
     return 0
 
 

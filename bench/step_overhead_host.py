@@ -1,4 +1,4 @@
-"""Host mode of step_overhead.py: what Apply IDAdapter costs per KSampler step inside a real ComfyUI.
+"""What Apply IDAdapter costs per KSampler step inside a real ComfyUI (step_overhead.py measures it in diffusers).
 
 One worker process per attention kernel (ComfyUI picks it at import): ComfyUI's default on CPU (sub-quadratic) and
 `--use-pytorch-cross-attention` (PyTorch SDPA, the kernel of the diffusers measurement). In each, ComfyUI's own SD1.5
@@ -22,6 +22,8 @@ The sd15 adapter has random weights, both gates of every block opened and random
 1025 tokens (4 references x 256 patches + 1). Inv-Adapter's reference is a random trajectory of 10 inversion
 steps at the generation's size (the reference pass cost does not depend on its content). The FLOP floor is counted on one UNet call with and without the
 adapter (`torch.utils.flop_counter`, 2 x MACs) in the worker that runs ComfyUI's default kernel.
+Run: `COMFYUI_PATH=... python -m bench.step_overhead_host [--attention default,pytorch] [--variants ...]
+[--before PATH] [--rounds 3] [--json PATH]`; prints a table and exits 0.
 """
 from __future__ import annotations
 
@@ -39,20 +41,12 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from bench.comfy_host import import_pack, start_comfyui  # noqa: E402
+from bench.comfy_host import REPO_ROOT, import_pack, random_sd15_unet, start_comfyui
+from bench.common import count_flops
+from train.real_size_models import open_idadapter, open_inv_adapter
 
 ATTENTION_MODES = {"default": [], "pytorch": ["use_pytorch_cross_attention"]}
 INV_ADAPTER_FILE = "bench-sd15-inv.safetensors"
-SD15_COMFY_UNET = dict(
-    image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2],
-    channel_mult=(1, 2, 4, 4), num_heads=8, use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-    transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
-    use_linear_in_transformer=False,
-)
 
 log = logging.getLogger("step_overhead.host")
 
@@ -62,14 +56,7 @@ def write_weights_files(folder: Path, gate: float = 0.5) -> dict[str, str]:
     from idadapter_core import IDAdapter, IDAdapterConfig, save_idadapter
 
     torch.manual_seed(0)
-    adapter = IDAdapter(IDAdapterConfig.for_base("sd15")).eval()
-    with torch.no_grad():
-        for block in adapter.blocks:
-            block.alpha_attn.fill_(gate)
-            block.alpha_dense.fill_(gate)
-        for kv in adapter.cross_kv:
-            kv.to_k.diff.normal_(std=0.01)
-            kv.to_v.diff.normal_(std=0.01)
+    adapter = open_idadapter(IDAdapter(IDAdapterConfig.for_base("sd15")), gate, kv_std=0.01)
     files = {}
     for dtype in ("fp16", "fp32"):
         files[dtype] = f"bench-sd15-{dtype}.safetensors"
@@ -78,12 +65,12 @@ def write_weights_files(folder: Path, gate: float = 0.5) -> dict[str, str]:
 
 
 def write_inv_adapter_file(folder: Path) -> str:
-    """The sd15 Inv-Adapter of inv_adapter_cost.py (open gates, non-zero cross branch), as an fp32 file."""
-    from bench.inv_adapter_cost import open_adapter
-    from idadapter_core.inv_adapter import save_inv_adapter
+    """The sd15 Inv-Adapter with random weights, open gates and a non-zero cross branch, as an fp32 file."""
+    from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, save_inv_adapter
     from idadapter_core.presets import get_preset
 
-    save_inv_adapter(folder / INV_ADAPTER_FILE, open_adapter(get_preset("sd15")))
+    torch.manual_seed(0)
+    save_inv_adapter(folder / INV_ADAPTER_FILE, open_inv_adapter(InvAdapter(InvAdapterConfig(get_preset("sd15")))))
     return INV_ADAPTER_FILE
 
 
@@ -121,19 +108,10 @@ def nodes_of(pack):
 
 
 def build_sd15_model(seed: int = 0):
-    """ComfyUI's SD1.5 UNet with finite random weights, as a MODEL (ModelPatcher)."""
-    import comfy.ops
+    """ComfyUI's SD1.5 UNet with finite random weights, as a MODEL (ModelPatcher) loaded as a checkpoint's is."""
     import comfy.sd
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    torch.manual_seed(seed)
-    unet = UNetModel(**SD15_COMFY_UNET, operations=comfy.ops.disable_weight_init)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.ndim > 1:
-                p.normal_(std=0.02)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
+    unet = random_sd15_unet(seed=seed)
     state = {k: v.contiguous() for k, v in unet.state_dict().items()}
     del unet
     return comfy.sd.load_diffusion_model_state_dict(state)
@@ -210,18 +188,15 @@ def worker(args: argparse.Namespace) -> dict:
                   latent=args.latent, tokens=args.tokens, steps=args.steps, rounds=args.rounds, times=times)
     if args.flops:
         counted = ("base", "fp32", "fast", "fp16", "masked")
-        result["flops"] = count_flops({name: variants[name] for name in counted if name in variants}, latent,
+        result["flops"] = model_call_flops({name: variants[name] for name in counted if name in variants}, latent,
                                       positive, negative)
     return result
 
 
-def count_flops(variants: dict, latent: torch.Tensor, positive, negative) -> dict[str, int]:
+def model_call_flops(variants: dict, latent: torch.Tensor, positive, negative) -> dict[str, int]:
     """FLOPs of one CFG-batched model call (2 x MACs; elementwise ops not counted), E_r's K/V cached. PyTorch's CPU
-    SDPA kernel, which the adapter runs on CPU, is counted with step_overhead's formula (the counter has none)."""
+    SDPA kernel, which the adapter runs on CPU, is counted with PyTorch's SDPA formula (the counter has none)."""
     import comfy.model_management
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bench.step_overhead import CPU_FLOP_FORMULAS
 
     out = {}
     x = torch.randn(2, *latent.shape[1:])
@@ -232,9 +207,8 @@ def count_flops(variants: dict, latent: torch.Tensor, positive, negative) -> dic
         options = {**model.model_options["transformer_options"], "sigmas": sigmas}
         with torch.no_grad():
             model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)  # fills caches
-            with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
-                model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)
-        out[name] = counter.get_total_flops()
+            out[name] = count_flops(lambda: model.model.apply_model(x, sigmas, c_crossattn=context,
+                                                                    transformer_options=options))
     return out
 
 
@@ -273,9 +247,9 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_host(argv: list[str]) -> int:
+def run_host(argv: list[str] | None = None) -> int:
     """Parent: writes the weights files, runs one worker per attention mode, prints the table."""
-    parser = argparse.ArgumentParser(prog="step_overhead.py --host")
+    parser = argparse.ArgumentParser(prog="python -m bench.step_overhead_host", description=__doc__.split("\n")[0])
     parser.add_argument("--attention", default="default,pytorch", help="comma list of: default, pytorch")
     parser.add_argument("--variants", default="base,fp16,fp32,fast,kv-only,masked,inv-cold,inv-cached,inv-fast,"
                                               "before-fp16,before-fp32,before-inv-cold")
@@ -295,15 +269,15 @@ def run_host(argv: list[str]) -> int:
         write_inv_adapter_file(Path(folder))
         for index, attention in enumerate(args.attention.split(",")):
             out = Path(folder) / f"{attention}.json"
-            command = [sys.executable, __file__, "--attention", attention, "--weights-dir", folder,
+            command = [sys.executable, "-m", "bench.step_overhead_host", "--worker", "--attention", attention, "--weights-dir", folder,
                        "--files", json.dumps(files), "--variants", args.variants, "--latent", str(args.latent),
                        "--tokens", str(args.tokens), "--steps", str(args.steps), "--rounds", str(args.rounds),
                        "--warmup", str(args.warmup), "--out", str(out)]
             if args.before:
-                command += ["--before", args.before]
+                command += ["--before", str(Path(args.before).resolve())]
             if index == 0:
                 command.append("--flops")
-            subprocess.run(command, check=True)
+            subprocess.run(command, check=True, cwd=REPO_ROOT)
             results.append(json.loads(out.read_text()))
     print(summarize(results))
     if args.json:
@@ -311,17 +285,25 @@ def run_host(argv: list[str]) -> int:
     return 0
 
 
-def worker_main() -> None:
-    parser = argparse.ArgumentParser()
+def worker_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.step_overhead_host --worker")
     for name in ("--attention", "--weights-dir", "--files", "--variants", "--before", "--out"):
         parser.add_argument(name)
     for name in ("--latent", "--tokens", "--steps", "--rounds", "--warmup"):
         parser.add_argument(name, type=int)
     parser.add_argument("--flops", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     Path(args.out).write_text(json.dumps(worker(args)))
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # one attention mode, started by run_host
+        worker_main(argv[1:])
+        return 0
+    return run_host(argv)
+
+
 if __name__ == "__main__":
-    worker_main()
+    sys.exit(main())

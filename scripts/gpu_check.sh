@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The checks to run the first time a CUDA machine is at hand, in under 10 minutes, printing one report:
-#   1. the trainer rehearsed at real size in bf16 (bench/real_scale.py): SD1.5 + ViT-H/14 + IResNet-100 with random
+#   1. the trainer rehearsed at real size in bf16 (python -m bench.real_scale): SD1.5 + ViT-H/14 + IResNet-100 with random
 #      weights, prepare -> fit a few dozen steps (batch 4, N = 4, λ = 0.1, gradient checkpointing) -> the same run
 #      killed halfway and resumed (exact?) -> export -> eval, IDAdapter and Inv-Adapter; step time, peak GPU memory,
 #      finite losses; then each part's CUDA memory at batch 1 and 2 and the projected table;
-#   2. the ComfyUI step overhead of Apply IDAdapter at 512² with PyTorch's attention kernel (needs COMFYUI_PATH);
-#   3. the identity miniature (bench/identity_generation.py) at its default size, larger than the CPU's --quick.
+#   2. the ComfyUI step overhead of Apply IDAdapter at 512² with PyTorch's attention kernel (python -m
+#      bench.step_overhead_host; needs COMFYUI_PATH);
+#   3. the identity miniature (python -m bench.identity_generation) at its default size, larger than the CPU's --quick.
 # Usage: scripts/gpu_check.sh [--dry-run] [OUT_DIR]    (PYTHON=... to pick the interpreter; COMFYUI_PATH=... for 2)
 # --dry-run prints the commands and runs the CPU-sized rehearsal (--quick) instead: what CI can check.
 set -euo pipefail
@@ -47,7 +48,7 @@ else
         --batch-size 4 --mixed-precision bf16 --threads 8 --memory-cap-gib 100 --parts-resolution 512 \
         --json "$out/real_scale.json"
     if [[ -n "${COMFYUI_PATH:-}" ]]; then
-        step step_overhead 120 "$python" bench/step_overhead.py --host --attention pytorch \
+        step step_overhead 120 "$python" -m bench.step_overhead_host --attention pytorch \
             --variants base,fp16,fast,kv-only --latent 64 --rounds 3 --json "$out/step_overhead.json"
     else
         echo "== step_overhead: skipped (set COMFYUI_PATH to a ComfyUI checkout)" | tee -a "$out/commands.txt"

@@ -1,22 +1,18 @@
-"""Smoke test of bench/step_overhead.py on the tiny UNet: it runs end to end and its instruments count right.
-No timings are asserted (they are noise at this size)."""
-import importlib.util
-import sys
-
+"""Smoke test of bench/step_overhead.py on the tiny UNet: it runs end to end, and the instruments and real layouts
+of bench/common.py count right. No timings are asserted (they are noise at this size)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, tiny_adapter
+from bench import common
+from bench import step_overhead as bench
+from conftest import tiny_adapter
 from idadapter_core.hosts import layout_from_diffusers_unet
-
-_spec = importlib.util.spec_from_file_location("step_overhead", REPO_ROOT / "bench" / "step_overhead.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)
+from idadapter_core.presets import get_preset
 
 
 def test_tensor_memory_counts_peak_and_frees():
-    with bench.TensorMemory() as memory:
+    with common.TensorMemory() as memory:
         a = torch.ones(1000)  # 4,000 bytes
         b = a * 2  # 4,000 more
         view = b[:10]  # no new storage; keeps b's alive
@@ -30,8 +26,18 @@ def test_tensor_memory_counts_peak_and_frees():
 
 def test_cpu_attention_flops_are_counted():
     q = torch.randn(2, 4, 16, 8)
-    cost = bench.instrumented(lambda: F.scaled_dot_product_attention(q, q, q))
+    cost = common.instrumented(lambda: F.scaled_dot_product_attention(q, q, q))
     assert cost.flops == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # q·k and p·v, 2 x MACs each
+
+
+@pytest.mark.parametrize("base, unet", [("sd15", common.SD15_UNET), ("sd21", common.SD21_UNET),
+                                        ("sdxl", common.SDXL_UNET)])
+def test_real_unet_layouts_are_the_presets(base, unet):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        layout = layout_from_diffusers_unet(UNet2DConditionModel(**unet))
+    assert layout.same_shape_as(get_preset(base))
 
 
 def test_benchmark_runs_end_to_end_on_the_tiny_unet(tiny_unet, capsys):

@@ -1,6 +1,7 @@
-"""bench/real_scale.py: its measuring tools in seconds (default run), the rehearsal with the trainer's tiny models
-(slow), and the host test at full size: full-size SD1.5 IDAdapter weights written by the trainer's export, loaded by
-Load IDAdapter and applied to a full-size SD1.5 checkpoint for one sampling step at 512² (slow, COMFYUI_PATH)."""
+"""bench/real_scale.py (with bench/real_scale_run.py, _parts.py, _meta.py): its measuring tools in seconds (default
+run), the rehearsal with the trainer's tiny models (slow), and the host test at full size: full-size SD1.5 IDAdapter
+weights written by the trainer's export, loaded by Load IDAdapter and applied to a full-size SD1.5 checkpoint for one
+sampling step at 512² (slow, COMFYUI_PATH)."""
 from __future__ import annotations
 
 import importlib
@@ -13,7 +14,9 @@ import torch
 
 from conftest import shared_assets_or_skip
 
-from bench import real_scale
+from bench import real_scale, real_scale_meta, real_scale_run
+from bench.common import SD15_COMFY_UNET
+from train.real_size_models import FACE_PACK, IRESNET100, open_idadapter, write_face_pack
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -27,7 +30,7 @@ def one_thread():
 
 def test_a_command_past_the_memory_cap_is_killed_and_its_peak_reported(tmp_path):
     hog = "import time; block = bytearray(400 * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(30)"
-    result = real_scale.run_command("hog", [sys.executable, "-c", hog], 0.2, tmp_path / "hog.log")
+    result = real_scale_run.run_command("hog", [sys.executable, "-c", hog], 0.2, tmp_path / "hog.log")
     assert result.stopped == "memory cap" and result.returncode != 0
     assert 0.2 <= result.peak_rss_gib < 0.5
     assert result.seconds < 20
@@ -40,7 +43,7 @@ def test_a_command_is_killed_when_asked_and_its_progress_read(tmp_path):
               "    sys.stderr.write(f'\\rfit:  {50 * step}%| | {step}/2 [00:0{step}<00:00, 1.50s/it, loss={loss}]')\n"
               f"pathlib.Path({str(marker)!r}).mkdir()\n"
               "time.sleep(30)\n")
-    result = real_scale.run_command("fit", [sys.executable, "-c", script], 4.0, tmp_path / "fit.log",
+    result = real_scale_run.run_command("fit", [sys.executable, "-c", script], 4.0, tmp_path / "fit.log",
                                     kill_when=marker.is_dir)
     assert result.stopped == "on purpose" and result.seconds < 20
     assert result.seconds_per_step == 1.5 and result.losses == [0.5, 0.25]
@@ -49,7 +52,7 @@ def test_a_command_is_killed_when_asked_and_its_progress_read(tmp_path):
 def test_saved_activations_are_counted_once_without_parameters_or_attention_matrices():
     linear = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8, requires_grad=True)
-    saved = real_scale.SavedBytes(list(linear.parameters()))
+    saved = real_scale_meta.SavedBytes(list(linear.parameters()))
     v = torch.randn(1, 2, 300, 8)
     with saved.attention, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         y = linear(x)  # saves x (the weight is a parameter)
@@ -132,13 +135,6 @@ def test_the_quick_rehearsal_runs_every_command_and_resumes_exactly(tmp_path, ca
 
 # ---- full size in ComfyUI (slow, COMFYUI_PATH) ---------------------------------------------------------------------
 
-# ComfyUI's own SD1.5 UNet configuration (comfy/model_detection.py detects this from a v1.5 checkpoint's keys)
-SD15_COMFY_UNET = dict(
-    image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2],
-    channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-    transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
-    use_linear_in_transformer=False,
-)
 CHECKPOINT = "full-size-sd15-random.safetensors"
 WEIGHTS = "full-size-idadapter-exported.safetensors"
 
@@ -184,12 +180,7 @@ def export_full_size_idadapter(root: Path, face_dim: int, face_model: str) -> Pa
     adapter = IDAdapter(IDAdapterConfig(
         layout=PRESETS["sd15"], num_refs=4, clip_embed_dim=1024, clip_vision="clip-vision-h", face_model=face_model,
         mff=MFFConfig(clip_dim=1280, face_dim=face_dim, num_patches=256)))
-    with torch.no_grad():
-        for block in adapter.blocks:
-            block.alpha_attn.fill_(0.5)
-            block.alpha_dense.fill_(0.5)
-        for p in adapter.cross_kv.parameters():
-            p.normal_(std=0.01)
+    open_idadapter(adapter, 0.5, kv_std=0.01)
     optimizer = torch.optim.Adam(adapter.parameters(), lr=3e-5)
     checkpoint = save_checkpoint(Accelerator(cpu=True), root / "run", 1, adapter, optimizer,
                                  get_constant_schedule_with_warmup(optimizer, 0), {"method": "idadapter"})
@@ -206,10 +197,10 @@ def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one
     torch.set_num_threads(2)
     for folder in ("checkpoints", "clip_vision", "idadapter"):
         (tmp_path / folder).mkdir()
-    real_scale.write_face_pack(tmp_path / "insightface", quick=False, assets=assets)
+    write_face_pack(tmp_path / "insightface", quick=False, assets=assets)
     write_full_sd15_checkpoint(tmp_path / "checkpoints" / CHECKPOINT)
     write_clip_vision(tmp_path / "clip_vision" / "clip-vision-h.safetensors", comfy_clip_vision_config("h"))
-    exported = export_full_size_idadapter(tmp_path, face_dim=real_scale.IRESNET100[2], face_model=real_scale.FACE_PACK)
+    exported = export_full_size_idadapter(tmp_path, face_dim=IRESNET100.embed_dim, face_model=FACE_PACK)
 
     nodes = importlib.import_module("comfyui_idadapter.nodes.idadapter_nodes")
     face_nodes = importlib.import_module("comfyui_idadapter.nodes.face_nodes")
@@ -221,7 +212,7 @@ def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[:3]
         adapter = nodes.LoadIDAdapter.execute(WEIGHTS).result[0]
         clip_vision = comfy_nodes.CLIPVisionLoader().load_clip("clip-vision-h.safetensors")[0]
-        analyzer = face_nodes.LoadInsightFace.execute(real_scale.FACE_PACK, "CPU", 640).result[0]
+        analyzer = face_nodes.LoadInsightFace.execute(FACE_PACK, "CPU", 640).result[0]
         image = comfy_nodes.LoadImage().load_image("obama2.jpg")[0]
         features = face_nodes.ExtractFaceFeatures.execute(analyzer, clip_vision, image, 4, "replicate", -1, 64, 0).result[0]
         embeds = nodes.EncodeIdentity.execute(adapter, features).result[0]
@@ -232,7 +223,7 @@ def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one
         bare, ours = (comfy_nodes.KSampler().sample(m, 0, 1, 5.0, "euler", "normal", positive, negative, latent)[0]
                       ["samples"] for m in (model, patched))
 
-    assert adapter.config.layout.base == "sd15" and adapter.config.mff.face_dim == real_scale.IRESNET100[2]
+    assert adapter.config.layout.base == "sd15" and adapter.config.mff.face_dim == IRESNET100.embed_dim
     assert sum(p.numel() for p in adapter.model.parameters()) > 250e6  # the full sd15 adapter, not a tiny one
     assert exported.stat().st_size > 500e6
     assert ours.shape == bare.shape == (1, 4, 64, 64) and torch.isfinite(ours).all()

@@ -1,11 +1,16 @@
-"""Compact torch definitions of insightface's recognizers (arcface_torch's backbones/iresnet.py and
-backbones/mobilefacenet.py layouts), random weights, exported the way insightface's ONNX files are.
+"""Compact torch definitions of insightface's detector and recognizers, random weights, exported the way insightface's
+ONNX files are: what the tests and the benchmarks check the ONNX->torch converter and the face stages on, at the
+published layouts (no real weights can be had offline).
 
-IResNet: conv3x3-BN-PReLU stem, four stages of IBasicBlock (BN-Conv-BN-PReLU-Conv(stride)-BN + a 1x1-conv-BN
-downsample on the first block), then BN2d -> dropout -> flatten -> Linear(C*7*7, D) -> BatchNorm1d. IResNet-50 is
-stages (3, 4, 14, 3), IResNet-100 (3, 13, 30, 3); `widths` below 64..512 keeps the depth at a fraction of the size.
-MobileFaceNet: conv-BN-PReLU blocks, depthwise bottlenecks with residuals, GDC head (7x7 depthwise conv-BN,
-flatten, bias-free Linear, BatchNorm1d).
+IResNet (arcface_torch's backbones/iresnet.py): conv3x3-BN-PReLU stem, four stages of IBasicBlock
+(BN-Conv-BN-PReLU-Conv(stride)-BN + a 1x1-conv-BN downsample on the first block), then BN2d -> dropout -> flatten ->
+Linear(C*7*7, D) -> BatchNorm1d. IResNet-50 is stages (3, 4, 14, 3), IResNet-100 (3, 13, 30, 3) (glintr100,
+antelopev2's); `widths` below 64..512 keeps the depth at a fraction of the size.
+MobileFaceNet (backbones/mobilefacenet.py): conv-BN-PReLU blocks, depthwise bottlenecks with residuals, GDC head
+(7x7 depthwise conv-BN, flatten, bias-free Linear, BatchNorm1d).
+SCRFD-10G with keypoints (scrfd_10g_bnkps): ResNetV1e BasicBlock stages (3, 4, 2, 3) x [56, 88, 88, 224], deep stem,
+PAFPN to 56 channels on strides 8/16/32, per-stride heads of 3 stacked 3x3 convs of 80 channels, 2 anchors, in
+insightface's 9-output layout.
 """
 from __future__ import annotations
 
@@ -108,6 +113,77 @@ class MobileFaceNet(nn.Module):
         return self.features(self.linear(x.view(x.size(0), -1)))
 
 
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        # ResNetV1e "avg_down" shortcut: average-pool, then 1x1 conv
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity(),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class SCRFD10G(nn.Module):
+    """insightface's scrfd_10g_bnkps: outputs scores x3, box distances x3, keypoints x3 (strides 8, 16, 32)."""
+
+    strides = (8, 16, 32)
+
+    def __init__(self, blocks=(3, 4, 2, 3), planes=(56, 88, 88, 224), base=56, neck=56, feat=80, anchors=2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn_relu(3, base // 2, 2), conv_bn_relu(base // 2, base // 2),
+                                  conv_bn_relu(base // 2, base), nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], base
+        for index, (count, cout) in enumerate(zip(blocks, planes)):
+            stride = 1 if index == 0 else 2
+            stages.append(nn.Sequential(*(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(count))))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        levels = planes[1:]  # PAFPN start_level=1: strides 8, 16, 32
+        self.lateral = nn.ModuleList(nn.Conv2d(c, neck, 1) for c in levels)
+        self.fpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in levels)
+        self.downsample = nn.ModuleList(nn.Conv2d(neck, neck, 3, 2, 1) for _ in levels[1:])
+        self.pafpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in levels[1:])
+        self.towers = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(neck, feat), conv_bn_relu(feat, feat), conv_bn_relu(feat, feat)) for _ in self.strides
+        )
+        self.cls = nn.ModuleList(nn.Conv2d(feat, anchors, 3, 1, 1) for _ in self.strides)
+        self.reg = nn.ModuleList(nn.Conv2d(feat, anchors * 4, 3, 1, 1) for _ in self.strides)
+        self.kps = nn.ModuleList(nn.Conv2d(feat, anchors * 10, 3, 1, 1) for _ in self.strides)
+        for cls in self.cls:
+            nn.init.constant_(cls.bias, -20.0)  # random weights: keep every anchor below the threshold
+
+    def forward(self, image: torch.Tensor):
+        x = self.stem(image)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        laterals = [conv(f) for conv, f in zip(self.lateral, features[1:])]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + nn.functional.interpolate(laterals[i], size=laterals[i - 1].shape[2:])
+        outs = [conv(f) for conv, f in zip(self.fpn, laterals)]
+        for i in range(len(outs) - 1):
+            outs[i + 1] = outs[i + 1] + self.downsample[i](outs[i])
+        outs = [outs[0]] + [conv(f) for conv, f in zip(self.pafpn, outs[1:])]
+        scores, boxes, keypoints = [], [], []
+        for level, feature in enumerate(outs):
+            tower = self.towers[level](feature)
+            flat = lambda t, width: t.permute(0, 2, 3, 1).reshape(-1, width)
+            scores.append(torch.sigmoid(flat(self.cls[level](tower), 1)))
+            boxes.append(flat(self.reg[level](tower), 4))
+            keypoints.append(flat(self.kps[level](tower), 10))
+        return (*scores, *boxes, *keypoints)
+
+
 def randomize(model: nn.Module, seed: int) -> nn.Module:
     """Random weights, with BatchNorm affine parameters, running statistics and PReLU slopes away from their
     defaults so that BN and PReLU are really exercised (default init leaves BN an identity, PReLU a constant 0.25)."""
@@ -134,6 +210,16 @@ def export_like_insightface(model: nn.Module, path: Path) -> Path:
     """The export insightface's recognizers come from: static batch 1, input "input.1", opset 17."""
     torch.onnx.export(model.eval(), (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False, opset_version=17,
                       input_names=["input.1"], output_names=["output"])
+    return path
+
+
+def export_scrfd_like_insightface(model: SCRFD10G, path: Path) -> Path:
+    """The export of insightface's SCRFD files: input "input" of any height and width, opset 17, the nine outputs
+    score / bbox / kps per stride with as many rows as the image has anchors."""
+    outputs = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in model.strides]
+    torch.onnx.export(model.eval(), (torch.zeros(1, 3, 640, 640),), str(path), input_names=["input"],
+                      output_names=outputs, opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {2: "height", 3: "width"}, **{n: {0: f"{n}_rows"} for n in outputs}})
     return path
 
 
