@@ -82,13 +82,14 @@ def tiny_clip_tokenizer(words: tuple[str, ...] = WORDS, max_length: int = MAX_TO
 
 
 def text_encoder(tokenizer, max_tokens: int = MAX_TOKENS, projection: bool = False, **config):
-    """A random-weight CLIP text encoder over `tokenizer`'s vocabulary; `config`: CLIPTextConfig's sizes."""
+    """A random-weight CLIP text encoder over `tokenizer`'s vocabulary; `config`: CLIPTextConfig's sizes (and, to
+    override the tokenizer's, `vocab_size`: CLIP's own table has 49,408 rows)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=max_tokens, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config,
-    )
+    config = CLIPTextConfig(**{
+        "vocab_size": len(tokenizer), "max_position_embeddings": max_tokens, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **config,
+    })
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
