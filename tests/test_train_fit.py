@@ -28,7 +28,7 @@ from train.checkpoints import ADAPTER_FILE, CHECKPOINTS_DIR, OPTIMIZER_FILE, lis
 from train.config import ConfigError, FitConfig, read_config_file, resolve_config
 from train.data import FrozenFeatures, ReferenceKey, SamplePlan
 from train.export import ExportError, export_checkpoint
-from train.fit import assemble_batch, build_training_step, train, weights_digest
+from train.fit import TrainingSession, assemble_batch, build_training_step, train, weights_digest
 from train.losses import FaceDetections, FaceIDLoss
 from train.tiny_face_models import ARCFACE_TEMPLATE
 from train.tiny_models import RESOLUTION, write_tiny_clip_vision, write_tiny_pipeline
@@ -163,6 +163,16 @@ def test_feature_cache_off_or_on_disk_changes_nothing(workspace, baseline):
     files = list(folder.rglob("*.safetensors"))
     assert len(files) == on_disk.features_computed > 0
     assert no_cache.features_computed > on_disk.features_computed  # recomputed on every use
+
+
+def test_the_session_the_benchmarks_drive_is_fits_step(workspace, baseline):
+    """TrainingSession on one CPU process without accelerate (how the benchmarks train) gives the baseline's losses
+    and weights to the bit; without accelerate it refuses gradient accumulation, which it could not do."""
+    session = TrainingSession(make_config(workspace, "session"))
+    assert session.run(6) == baseline.losses
+    assert weights_digest(session.step_module.adapter) == baseline.weights_sha256
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps > 1 needs accelerate"):
+        TrainingSession(make_config(workspace, "session", gradient_accumulation_steps=2))
 
 
 def test_gradient_accumulation_equals_the_larger_batch(workspace, baseline):
