@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import math
 import os
@@ -51,14 +50,15 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (
-    CLIP_L_TEXT, FACE_ID_WEIGHT, NUM_REFS, SD15_UNET, SD_VAE, TEXT_TOKENS, VIT_H_14, Variant, count_flops,
-    interleaved_times,
+    CLIP_L_TEXT, FACE_ID_WEIGHT, NUM_REFS, SD15_UNET, SD_VAE, VIT_H_14, Variant, count_flops, interleaved_times,
+    print_and_write,
 )
 from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig
 from idadapter_core.hosts import DiffusersIDAdapter, layout_from_diffusers_unet
 from train.config import FitConfig, resolve_config
 from train.data import FrozenFeatures, ReferenceKey, Sample
 from train.fit import TrainingSession
+from train.real_size_models import TEXT_TOKENS
 from train.striped_faces import make_identities, make_images, write_synthetic_cache
 from train.tiny_models import ModelSpec, build_base_components, save_base_model, write_clip_vision
 
@@ -399,10 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("writing the scaled models and a synthetic cache")
         setup = build_setup(settings, Path(folder))
         summary = summarize(settings, real, scaled, measure(setup, settings), setup.face_id)
-    print_table(summary)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
-        log.info("wrote %s", args.json)
+    print_and_write(summary, print_table, args.json)
     return 0
 
 
