@@ -1,11 +1,10 @@
-"""Tiny diffusion and CLIP vision model folders built in code, for the demo and the tests: nothing is downloaded, and
-each loads through the same local-folder code paths as the real models (`train.models`).
+"""Tiny diffusion and CLIP vision model folders built in code, for the demo, the benchmarks and the tests: nothing is
+downloaded, and each loads through the same local-folder code paths as the real models (`train.models`).
 
 - `write_tiny_pipeline`: a diffusers folder shaped like SD1.5 (one 32-wide text encoder, ε), SD2.1-v (v-prediction)
   or SDXL (text encoders 32 + 48 wide keyed l and g, pooled embeds, add_time_ids), with a CLIP tokenizer built from a
   tiny byte-level BPE vocabulary in which 'sks', the class words and a few caption words are single tokens.
 - `write_tiny_clip_vision`: a CLIPVisionModelWithProjection folder (32 px input, 16 patches of width 16, embeds 12).
-
 - `ModelSpec`: the constructor arguments of an SD1.x-like base model's parts and of a CLIP vision model;
   `TINY_SPEC` (32 px, the identity benchmarks'), `ModelSpec.scaled` (a real layout with every width and the
   resolution scaled, the FLOP shares kept: the throughput benchmark's). `build_base_components` makes the parts
