@@ -243,9 +243,13 @@ class BaseSettings:
     """Share of them whose caption names the attributes (the rest: the plain caption)."""
     autoencoder_steps: int = 1200
     autoencoder_lr: float = 5e-3
-    unet_steps: int = 1200
+    unet_steps: int = 2400
     batch_size: int = 32
     lr: float = 2e-3
+    ema_decay: float = 0.999
+    """The UNet's weights are the exponential moving average of its training weights (diffusers' EMAModel, with its
+    warm-up): at 1200 steps, EMA raised the told-attributes accuracy from 0.56 to 0.60 and well-formed images from
+    39 % to 45 % (seed 0, 64 images)."""
 
     def key(self, seed: int) -> str:
         """Of the settings, the seed and the world (its palettes)."""
@@ -318,10 +322,12 @@ def train_autoencoder(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, ba
     return float(np.mean(losses[-20:]))
 
 
-def train_unet(parts, pixels: torch.Tensor, captions: list[str], steps: int, batch_size: int, lr: float,
-               seed: int) -> float:
+def train_unet(parts, pixels: torch.Tensor, captions: list[str], settings: BaseSettings, seed: int) -> float:
     """Calibrate the VAE's scaling factor (1 / std of the latents, as SD's 0.18215 was chosen), then train the UNet
-    on the photos with their captions (ε-MSE, Adam, cosine decay). Returns the mean loss of the last 50 steps."""
+    on the photos with their captions (ε-MSE, Adam, cosine decay) and keep its EMA weights. Returns the mean loss of
+    the last 50 steps."""
+    from diffusers.training_utils import EMAModel
+
     with torch.no_grad():
         latents = torch.cat([parts.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
         scale = float(1.0 / latents.std())
@@ -333,11 +339,13 @@ def train_unet(parts, pixels: torch.Tensor, captions: list[str], steps: int, bat
         encoded = parts.text_encoder(tokens).last_hidden_state
     context = encoded[torch.tensor([unique.index(c) for c in captions])]
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(parts.unet.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    optimizer = torch.optim.Adam(parts.unet.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.unet_steps)
+    average = EMAModel(parts.unet.parameters(), decay=settings.ema_decay)
     parts.unet.train()
     losses = []
-    for _ in tqdm(range(steps), desc="base UNet", leave=False):
+    batch_size = settings.batch_size
+    for _ in tqdm(range(settings.unet_steps), desc="base UNet", leave=False):
         chosen = torch.randint(0, len(latents), (batch_size,), generator=generator)
         noise = torch.randn(latents[chosen].shape, generator=generator)
         timesteps = torch.randint(0, parts.scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
@@ -347,7 +355,9 @@ def train_unet(parts, pixels: torch.Tensor, captions: list[str], steps: int, bat
         optimizer.step()
         optimizer.zero_grad()
         schedule.step()
+        average.step(parts.unet.parameters())
         losses.append(float(loss.detach()))
+    average.copy_to(parts.unet.parameters())
     parts.unet.eval()
     return float(np.mean(losses[-50:]))
 
@@ -371,7 +381,7 @@ def tiny_base(settings: BaseSettings, seed: int, workdir: Path) -> Path:
     autoencoder_loss = train_autoencoder(parts.vae, pixels, settings.autoencoder_steps, settings.batch_size,
                                          settings.autoencoder_lr, seed)
     log.info("base model: autoencoder trained, reconstruction MSE %.5f (pixels in [-1, 1])", autoencoder_loss)
-    unet_loss = train_unet(parts, pixels, captions, settings.unet_steps, settings.batch_size, settings.lr, seed)
+    unet_loss = train_unet(parts, pixels, captions, settings, seed)
     log.info("base model: UNet trained, ε-MSE of the last 50 steps %.4f", unet_loss)
     save_base_model(parts, folder)
     record = dict(seconds=time.perf_counter() - started, autoencoder_mse=autoencoder_loss, unet_mse=unet_loss,
