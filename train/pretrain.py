@@ -34,10 +34,13 @@ def train_autoencoder(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, ba
 
 
 def train_unet(parts: BaseComponents, pixels: torch.Tensor, captions: list[str], steps: int, batch_size: int,
-               lr: float, seed: int, cosine_decay: bool = True) -> list[float]:
+               lr: float, seed: int, cosine_decay: bool = True, ema_decay: float | None = None) -> list[float]:
     """Calibrate the VAE's scaling factor (1 / std of the latents, as SD's 0.18215 was chosen), then train the whole
     UNet on `pixels` (B, 3, H, W) in [-1, 1] with their `captions` (ε-MSE, Adam, with or without cosine decay of the
-    learning rate). Returns the loss of every step."""
+    learning rate); with `ema_decay`, the UNet keeps the exponential moving average of its training weights
+    (diffusers' EMAModel, with its warm-up). Returns the loss of every step."""
+    from diffusers.training_utils import EMAModel
+
     with torch.no_grad():
         latents = torch.cat([parts.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
         scale = float(1.0 / latents.std())
@@ -51,6 +54,7 @@ def train_unet(parts: BaseComponents, pixels: torch.Tensor, captions: list[str],
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(parts.unet.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine_decay else None
+    average = None if ema_decay is None else EMAModel(parts.unet.parameters(), decay=ema_decay)
     parts.unet.train()
     losses = []
     for _ in tqdm(range(steps), desc="base UNet", leave=False):
@@ -64,6 +68,10 @@ def train_unet(parts: BaseComponents, pixels: torch.Tensor, captions: list[str],
         optimizer.zero_grad()
         if schedule is not None:
             schedule.step()
+        if average is not None:
+            average.step(parts.unet.parameters())
         losses.append(float(loss.detach()))
+    if average is not None:
+        average.copy_to(parts.unet.parameters())
     parts.unet.eval()
     return losses
