@@ -28,14 +28,18 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
+
+from .pretrain import train_autoencoder, train_unet
+from .tiny_models import (
+    TINY_SPEC, WORDS, BaseComponents, ModelSpec, build_base_components, save_base_model, text_encoder,
+    tiny_clip_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -260,14 +264,10 @@ TRAINED_FILE = "trained.json"
 """Written last into a cached base model's folder: its training time, losses and settings."""
 
 
-def model_spec():
-    """The tiny parts of bench/identity_learning.py at 32 px (8x8 latents), with a narrower VAE without attention
-    (it is trained here) and 2 channel groups in its norms (with one channel a group, GroupNorm would take each
-    channel's own level out of the image, which is what a flat colour is)."""
-    from dataclasses import replace
-
-    from bench.identity_learning import TINY_SPEC
-
+def model_spec() -> ModelSpec:
+    """`TINY_SPEC` (32 px, 8x8 latents) with a narrower VAE without attention (it is trained here) and 2 channel
+    groups in its norms (with one channel a group, GroupNorm would take each channel's own level out of the image,
+    which is what a flat colour is)."""
     return replace(TINY_SPEC, vae=dict(
         block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
@@ -275,23 +275,15 @@ def model_spec():
     ))
 
 
-def build_base_parts(seed: int):
-    """Random-weight parts (bench/identity_learning.build_base_components) with a tokenizer that knows the
-    attribute words."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from bench.identity_learning import build_base_components
-    from train.tiny_models import WORDS, tiny_clip_tokenizer
-
+def build_base_parts(seed: int) -> BaseComponents:
+    """Random-weight parts of `model_spec()` with a tokenizer that knows the attribute words. The VAE and the UNet
+    are drawn as `build_base_components` draws them (after a text encoder of the default vocabulary), then the text
+    encoder again from the seed for the larger vocabulary: the cached bases (keyed by settings and seed) stay valid."""
     spec = model_spec()
     parts = build_base_components(spec, seed)
     parts.tokenizer = tiny_clip_tokenizer(WORDS + VOCABULARY, max_length=spec.text_tokens)
     torch.manual_seed(seed)
-    tokenizer = parts.tokenizer
-    parts.text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=spec.text_tokens, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec.text,
-    )).eval()
+    parts.text_encoder = text_encoder(parts.tokenizer, spec.text_tokens, **spec.text).eval()
     return parts
 
 
@@ -300,73 +292,9 @@ def photo_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_autoencoder(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, batch_size: int, lr: float,
-                      seed: int) -> float:
-    """The VAE as a plain autoencoder (reconstruction MSE through the posterior mean; the posterior stays
-    near-deterministic): generation needs a decoder that inverts the encoder. Returns the mean loss of the last
-    20 steps."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    vae.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="autoencoder", leave=False):
-        batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
-        loss = F.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-        losses.append(float(loss.detach()))
-    vae.eval()
-    return float(np.mean(losses[-20:]))
-
-
-def train_unet(parts, pixels: torch.Tensor, captions: list[str], settings: BaseSettings, seed: int) -> float:
-    """Calibrate the VAE's scaling factor (1 / std of the latents, as SD's 0.18215 was chosen), then train the UNet
-    on the photos with their captions (ε-MSE, Adam, cosine decay) and keep its EMA weights. Returns the mean loss of
-    the last 50 steps."""
-    from diffusers.training_utils import EMAModel
-
-    with torch.no_grad():
-        latents = torch.cat([parts.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
-        scale = float(1.0 / latents.std())
-        parts.vae.register_to_config(scaling_factor=scale)
-        latents = latents * scale
-        unique = sorted(set(captions))
-        tokens = parts.tokenizer(unique, padding="max_length", max_length=parts.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-        encoded = parts.text_encoder(tokens).last_hidden_state
-    context = encoded[torch.tensor([unique.index(c) for c in captions])]
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(parts.unet.parameters(), lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.unet_steps)
-    average = EMAModel(parts.unet.parameters(), decay=settings.ema_decay)
-    parts.unet.train()
-    losses = []
-    batch_size = settings.batch_size
-    for _ in tqdm(range(settings.unet_steps), desc="base UNet", leave=False):
-        chosen = torch.randint(0, len(latents), (batch_size,), generator=generator)
-        noise = torch.randn(latents[chosen].shape, generator=generator)
-        timesteps = torch.randint(0, parts.scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        noisy = parts.scheduler.add_noise(latents[chosen], noise, timesteps)
-        loss = F.mse_loss(parts.unet(noisy, timesteps, encoder_hidden_states=context[chosen]).sample, noise)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-        average.step(parts.unet.parameters())
-        losses.append(float(loss.detach()))
-    average.copy_to(parts.unet.parameters())
-    parts.unet.eval()
-    return float(np.mean(losses[-50:]))
-
-
 def tiny_base(settings: BaseSettings, seed: int, workdir: Path) -> Path:
     """The cached base model folder for these settings and seed (trained here the first time): photos of random
     people, most captioned with their attributes; the autoencoder, then the UNet."""
-    from bench.identity_learning import save_base_model
-
     folder = workdir / f"base-{settings.key(seed)}"
     if (folder / TRAINED_FILE).is_file():
         log.info("base model: cached %s", folder)
@@ -381,7 +309,8 @@ def tiny_base(settings: BaseSettings, seed: int, workdir: Path) -> Path:
     autoencoder_loss = train_autoencoder(parts.vae, pixels, settings.autoencoder_steps, settings.batch_size,
                                          settings.autoencoder_lr, seed)
     log.info("base model: autoencoder trained, reconstruction MSE %.5f (pixels in [-1, 1])", autoencoder_loss)
-    unet_loss = train_unet(parts, pixels, captions, settings, seed)
+    unet_loss = float(np.mean(train_unet(parts, pixels, captions, settings.unet_steps, settings.batch_size,
+                                         settings.lr, seed, ema_decay=settings.ema_decay)[-50:]))
     log.info("base model: UNet trained, ε-MSE of the last 50 steps %.4f", unet_loss)
     save_base_model(parts, folder)
     record = dict(seconds=time.perf_counter() - started, autoencoder_mse=autoencoder_loss, unet_mse=unet_loss,
