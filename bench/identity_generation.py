@@ -18,8 +18,8 @@ Per seed (each seed: new identities, base weights, adapter initialisation and da
   attributes ('a photo of a person with orange skin red long hair cyan eyes') for 80 % and with the plain caption ('a
   photo of a person') for the rest, so it can draw any combination when told and some person when not. Trained once
   per settings and seed, cached in --workdir; it is not what is measured.
-- the adapters: `train_identities` people train them (the trainer's step, through bench/identity_learning.py's
-  session; plain caption), `held_out_identities` other people are never seen by them: NEW COMBINATIONS of attribute
+- the adapters: `train_identities` people train them (the trainer's step, `train.fit.TrainingSession`; plain
+  caption), `held_out_identities` other people are never seen by them: NEW COMBINATIONS of attribute
   values the training people have. IDAdapter: N = 4 references, identity dropout 0.1. Inv-Adapter: one reference,
   forward-noised in lock-step with the generation (the trainer's default), both EAA branches.
 - generation through the trainer's own path (train/generate.py), DDIM 20 steps, the plain caption as the prompt and as
@@ -57,28 +57,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from bench.identity_learning import (  # noqa: E402
-    cross_attention_only, frozen_features, method_configs, self_attention_only, spread, start_session, train_step,
-    write_clip_vision,
-)
-from idadapter_core.face import load_face_analyzer  # noqa: E402
-from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES  # noqa: E402
-from train import miniature as world  # noqa: E402
-from train.cache import TrainCache  # noqa: E402
-from train.config import resolve_config  # noqa: E402
-from train.data import ReferenceKey, load_target_image  # noqa: E402
-from train.generate import (  # noqa: E402
+from bench.common import spread
+from bench.identity_learning import AdapterTraining
+from idadapter_core.face import load_face_analyzer
+from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
+from train import miniature as world
+from train.ablations import cross_attention_only, self_attention_only
+from train.cache import TrainCache
+from train.config import resolve_config
+from train.data import ReferenceKey, load_target_image
+from train.fit import TrainingSession
+from train.generate import (
     SamplingSettings, encode_reference, generate_identity_images, generate_inv_adapter_images, identity_pipeline,
 )
-from train.models import load_base_model  # noqa: E402
-from train.prepare import prepare_dataset  # noqa: E402
-from train.tiny_face_models import write_model_pack  # noqa: E402
+from train.models import load_base_model
+from train.prepare import prepare_dataset
+from train.tiny_face_models import write_model_pack
+from train.tiny_models import write_clip_vision
 
 log = logging.getLogger("identity_generation")
 
@@ -96,7 +92,7 @@ default's training (it is a generation-time choice)."""
 
 
 @dataclass
-class Settings:
+class Settings(AdapterTraining):
     base: world.BaseSettings = field(default_factory=world.BaseSettings)
     train_identities: int = 48
     held_out_identities: int = 8
@@ -104,10 +100,6 @@ class Settings:
     """Per adapter person (training and held out alike)."""
     steps: int = 400
     batch_size: int = 16
-    lr: float = 2e-3
-    num_refs: int = 4
-    mff_width: int = 32
-    identity_dropout: float = 0.1
     inversion_steps: int = 20
     generations: int = 4
     """Images per held-out person and row (each its own sampling seed)."""
@@ -221,9 +213,10 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
                         for person in held_out}
     backgrounds = {person: [world.read_image(image).background for image in images]
                    for person, images in reference_photos.items()}
-    clip_folder = write_clip_vision(world.model_spec(), folder / "clip", seed)
-    configs = method_configs(settings, caches["train"].path, base_folder, clip_folder, folder / "out",
-                             world.model_spec(), seed)
+    spec = world.model_spec()
+    clip_folder = write_clip_vision(folder / "clip", spec.clip_vision, seed)
+    configs = settings.method_configs(caches["train"].path, base_folder, clip_folder, folder / "out", spec.resolution,
+                                      seed)
     sample_seeds = [10_000 * seed + k for k in range(settings.generations)]
     rows = result.rows
 
@@ -251,7 +244,7 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
 
     # IDAdapter
     session = train_session(configs["idadapter"], settings, f"seed {seed}: IDAdapter")
-    features = frozen_features(session, caches["held-out"])
+    features = session.frozen_features(caches["held-out"])
     step_module = session.step_module
     step_module.eval()
     rows_of = caches["held-out"].identities()
@@ -303,12 +296,10 @@ def base_images(pipe, prompt: str, seeds: list[int], settings: Settings) -> np.n
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def train_session(config: dict, settings: Settings, label: str, adjust=None):
-    """The trainer's session (bench/identity_learning.py), trained `settings.steps` steps."""
-    session = start_session(resolve_config(None, config), adjust)
-    features = frozen_features(session, session.cache)
-    for step in tqdm(range(settings.steps), desc=label, leave=False):
-        train_step(session, features, step)
+def train_session(config: dict, settings: Settings, label: str, adjust=None) -> TrainingSession:
+    """The trainer's session, trained `settings.steps` steps."""
+    session = TrainingSession(resolve_config(None, config), adjust=adjust)
+    session.run(settings.steps, label)
     return session
 
 

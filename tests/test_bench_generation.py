@@ -1,7 +1,7 @@
-"""The miniature of bench/identity_generation.py (identity in generated images): its read-out is exact on the people
-it renders and tells a wrong drawing from a right one, the tiny pack's colour detector finds every person, and the
-whole report runs end to end at --quick settings (seconds; nothing is learned). The benchmark itself (about half an
-hour a seed) is not a test."""
+"""The miniature world (train/miniature.py) of bench/identity_generation.py (identity in generated images): its
+read-out is exact on the people it renders and tells a wrong drawing from a right one, the tiny pack's colour
+detector finds every person, and the whole report runs end to end at --quick settings (seconds; nothing is learned).
+The benchmark itself (about half an hour a seed) is not a test."""
 from __future__ import annotations
 
 import json
