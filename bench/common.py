@@ -97,6 +97,18 @@ def print_and_write(summary: dict, print_table: Callable[[dict], None], json_pat
         log.info("wrote %s", json_path)
 
 
+def run_seeds(seeds: range, run: Callable[[int], Any], summarize: Callable[[list], dict],
+              json_path: Path | None) -> dict:
+    """Seed after seed, `run(seed)`; the summary of the seeds done so far is rewritten at `json_path` (when given)
+    after every one, so an interrupted run keeps what it finished. Returns the summary of all."""
+    results = []
+    for seed in seeds:
+        results.append(run(seed))
+        if json_path:
+            json_path.write_text(json.dumps(summarize(results), indent=2))
+    return summarize(results)
+
+
 # ---- FLOPs and memory -------------------------------------------------------------------------------------------
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
