@@ -52,13 +52,14 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import spread
+from bench.common import run_seeds, spread
 from bench.identity_learning import AdapterTraining
 from idadapter_core.face import load_face_analyzer
 from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
@@ -444,15 +445,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (pack_root / "models" / PACK).is_dir():
         write_model_pack(pack_root, PACK, face_measure="colour")
     analyzer = load_face_analyzer(pack_root, PACK, "CPU", world.DET_SIZE)
-    results = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        pictures = {} if args.picture is not None and not results else None
-        results.append(run_seed(seed, settings, args.workdir, analyzer, pictures))
+
+    def run(seed: int) -> SeedResult:
+        pictures = {} if args.picture is not None and seed == args.first_seed else None
+        result = run_seed(seed, settings, args.workdir, analyzer, pictures)
         if pictures is not None:
             save_picture(pictures, settings, args.picture)
-        if args.json:  # after every seed, so an interrupted run keeps what it finished
-            args.json.write_text(json.dumps(summarize(settings, results), indent=2))
-    print_table(summarize(settings, results))
+        return result
+
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    print_table(run_seeds(seeds, run, partial(summarize, settings), args.json))
     return 0
 
 

@@ -41,7 +41,6 @@ Prints a table and exits 0 (it is a report).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -49,13 +48,14 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from bench.common import spread
+from bench.common import run_seeds, spread
 from train.ablations import (
     adapter_only, cross_attention_only, highest_resolution_skipped, self_attention_only, skip_highest_resolution,
     token_only,
@@ -376,13 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     settings.steps = args.steps or (settings.steps // 2 if args.quick else settings.steps)
     variants = args.variants or [name for method in (METHODS if args.method == "both" else (args.method,))
                                  for name in method_variants(method)]
-    results = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
+
+    def run(seed: int) -> SeedResult:
         with tempfile.TemporaryDirectory() as folder:
-            results.append(run_seed(seed, settings, TINY_SPEC, Path(folder), variants))
-        if args.json:  # after every seed, so an interrupted run keeps what it finished
-            args.json.write_text(json.dumps(summarize(settings, results), indent=2))
-    print_table(summarize(settings, results))
+            return run_seed(seed, settings, TINY_SPEC, Path(folder), variants)
+
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    print_table(run_seeds(seeds, run, partial(summarize, settings), args.json))
     return 0
 
 
