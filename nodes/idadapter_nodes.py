@@ -1,5 +1,5 @@
 """IDAdapter nodes: load weights, encode an identity, apply it to a MODEL, build the identity prompt,
-save/load identities. Each node only routes tensors into `idadapter_core` / `comfy_binding`."""
+save/load identities. Each node only routes tensors into `idadapter_core` / `idadapter_binding`."""
 from __future__ import annotations
 
 import logging
@@ -11,9 +11,10 @@ from comfy_api.latest import io, ui
 from ..idadapter_core.idadapter import format_identity_prompt, load_identity_embeds, save_identity_embeds
 from ..idadapter_core.errors import IDAdapterError
 from ..idadapter_core.schedule import BLOCK_MODES, NEGATIVE_IDENTITY_MODES, AdapterStrength
-from .comfy_binding import (
-    apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy, register_weights_folder,
-    replace_trigger_tokens, trigger_token_id,
+from .comfy_binding import register_weights_folder
+from .idadapter_binding import (
+    apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy, replace_trigger_tokens,
+    trigger_token_id,
 )
 from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType, PackNode, identity_in_negative_input
 

@@ -461,9 +461,10 @@ def test_deep_blocks_run_in_forward_order_and_match_diffusers(comfy_pack, tmp_pa
     from idadapter_core import load_idadapter
     from idadapter_core.hosts import DiffusersIDAdapter
 
-    binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
+    binding = importlib.import_module("comfyui_idadapter.nodes.idadapter_binding")
+    host_binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
     comfy_unet = randomize_(UNetModel(**DEEP_UNET, operations=comfy.ops.disable_weight_init), 7).eval()
-    blocks = binding.describe_unet(comfy_unet)
+    blocks = host_binding.describe_unet(comfy_unet)
     assert blocks.layout.same_shape_as(DEEP_LAYOUT)
     assert blocks.first_block == (0, 1, 3, 5, 7, 9, 10)  # 7 SpatialTransformers, depths 1,2,2,2,2,1,1
     path = tmp_path / "deep.safetensors"
