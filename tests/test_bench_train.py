@@ -16,7 +16,8 @@ from train.cache import TrainCache
 from train.config import resolve_config
 from train.data import SamplePlan
 from train.tiny_face_models import write_model_pack
-from test_train_fit import one_thread  # noqa: F401  (module-wide fixture: one torch thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = throughput.Scale(1 / 16, 1 / 8)
 """64 px, 20-channel UNet, 4 CLIP patches: the smallest scale the layouts allow."""
