@@ -1,5 +1,5 @@
 """IDAdapter nodes: load weights, encode an identity, apply it to a MODEL, build the identity prompt,
-save/load identities. Each node only routes tensors into `idadapter_core` / `comfy_binding`."""
+save/load identities. Each node only routes tensors into `idadapter_core` / `idadapter_binding`."""
 from __future__ import annotations
 
 import logging
@@ -11,11 +11,15 @@ from comfy_api.latest import io, ui
 from ..idadapter_core.idadapter import format_identity_prompt, load_identity_embeds, save_identity_embeds
 from ..idadapter_core.errors import IDAdapterError
 from ..idadapter_core.schedule import BLOCK_MODES, NEGATIVE_IDENTITY_MODES, AdapterStrength
-from .comfy_binding import (
-    apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy, register_weights_folder,
-    replace_trigger_tokens, trigger_token_id,
+from .comfy_binding import register_weights_folder
+from .idadapter_binding import (
+    apply_idadapter, encode_identity, identity_tokens_for_clip, load_idadapter_for_comfy, replace_trigger_tokens,
+    trigger_token_id,
 )
-from .pack_types import CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType, PackNode, identity_in_negative_input
+from .pack_types import (
+    CATEGORY, FaceFeaturesType, IDAdapterType, IDEmbedsType, PackNode, identity_in_negative_input,
+    strength_and_schedule_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +109,10 @@ class ApplyIDAdapter(PackNode):
                 io.Model.Input("model", tooltip="An SD1.5, SD2.x or SDXL model matching the IDAdapter weights' base."),
                 IDAdapterType.Input("idadapter", tooltip="From Load IDAdapter."),
                 IDEmbedsType.Input("id_embeds", tooltip="From Encode Identity or Load ID Embeds, made with the same weights."),
-                io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.05,
-                               tooltip="β of the paper, the strength of the adapter and of the trained cross-attention "
-                                       "K/V (W + weight·ΔW): 0 turns IDAdapter off."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule where IDAdapter (adapter and K/V) starts acting."),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule where IDAdapter (adapter and K/V) stops acting."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Where this identity goes (1) and where not (0), any size: resized to the image. "
-                                      "Chain one Apply per person, each with its own mask, for several people in one image."),
+                *strength_and_schedule_inputs(
+                    (-1.0, 3.0), "β of the paper, the strength of the adapter and of the trained cross-attention K/V "
+                                 "(W + weight·ΔW): 0 turns IDAdapter off.", acting="IDAdapter (adapter and K/V)",
+                ),
                 io.Combo.Input(
                     "cross_attention_kv", options=list(KV_MODES), default=KV_MODES[0], optional=True, advanced=True,
                     tooltip="'scaled by weight': the trained K/V differences follow weight. 'full strength (paper)': "

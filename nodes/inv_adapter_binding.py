@@ -1,4 +1,5 @@
-"""Routes Inv-Adapter into ComfyUI (docs/DESIGN.md §3, §4.3).
+"""Routes Inv-Adapter into ComfyUI (docs/DESIGN.md §3, §4.3); what both methods' bindings share is in
+`comfy_binding.py`.
 
 Inversion runs through ComfyUI's own sampling (`comfy.sample.sample_custom` with a sampler that walks the noise
 levels upwards), so model loading, conditioning (SDXL's pooled/size inputs included) and ε/v prediction are
@@ -8,7 +9,7 @@ ComfyUI's; an APPLY_MODEL wrapper captures the null prompt's conditioning on the
   real batch;
 - `attn1` and `attn2` replace patches on every transformer block that add the EAA, chained with any replace already
   set for that block (`comfy_patches.set_attention_replace`: it still computes the block's own attention); with a
-  region mask, what the EAA adds is scaled by the mask at the block's token grid (`idadapter_core.masks`).
+  region mask, what the EAA adds is scaled by the mask at the block's token grid (`comfy_binding.active_mask`).
 """
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ from ..idadapter_core.inv_adapter import EAAReferenceKV, ReferenceTrajectory, dd
 from ..idadapter_core.masks import RegionMask
 from ..idadapter_core.presets import check_layout
 from ..idadapter_core.schedule import (
-    BLOCK_MODES, NEGATIVE_IDENTITY_MODES, StepWindow, adapter_blocks, check_schedule, identity_in_negative, require_finite,
+    BLOCK_MODES, NEGATIVE_IDENTITY_MODES, StepWindow, adapter_blocks, identity_in_negative, require_finite,
 )
 from .comfy_binding import (
-    LoadedAdapter, adapter_attention, block_mask, chunk_rows, describe_unet, mask_covers_nothing, model_prediction,
-    negative_chunks,
+    LoadedAdapter, active_mask, block_attention, block_index, chunk_rows, describe_model, mask_covers_nothing,
+    negative_chunks, step_window,
 )
 from .comfy_patches import SharedPatch, comfy_attention, set_attention_replace
 
@@ -58,9 +59,8 @@ def model_key(model) -> str:
     checkpoint's first convolution (cheap, and different for every checkpoint) and, when the MODEL carries weight
     patches (LoRAs, merges, which ComfyUI adds to the weights only while it samples), how many weights they patch
     and a hash of the patches with their strengths. "base:conv" or "base:conv+patches:N:hash"."""
-    unet = model.get_model_object("diffusion_model")
-    blocks = describe_unet(unet, type(model.model.model_config).__name__, model_prediction(model))
-    first_conv = unpatched_weight(model, FIRST_CONV, unet.input_blocks[0][0].weight)
+    blocks = describe_model(model)
+    first_conv = unpatched_weight(model, FIRST_CONV, model.get_model_object("diffusion_model").input_blocks[0][0].weight)
     key = f"{blocks.layout.base}:{hashlib.sha256(first_conv.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]}"
     patches = getattr(model, "patches", None) or {}
     if not patches:
@@ -226,13 +226,10 @@ class InvAdapterPatch(SharedPatch):
         self._features: dict[tuple, dict[int, torch.Tensor]] = {}
         self._recording: dict[int, torch.Tensor] | None = None
 
-    def block_index(self, extra_options: dict) -> int:
-        return self.first_block[extra_options["transformer_index"]] + extra_options.get("block_index", 0)
-
     def record(self, n, context_attn1, value_attn1, extra_options):
         """attn1_patch of the reference pass: keep the self-attention input of the blocks the EAA acts in, and end the
         pass once the last of them is recorded (the rest of the UNet would compute nothing the EAA uses)."""
-        index = self.block_index(extra_options)
+        index = block_index(self.first_block, extra_options)
         if index in self.blocks:
             self._recording[index] = n
             if len(self._recording) == len(self.blocks):
@@ -331,27 +328,23 @@ class EAAAttention(SharedPatch):
 
     def __call__(self, q, k, v, extra_options, inner):
         references = self.patch.bank.references
-        if references is None:
-            return inner(q, k, v, extra_options)
-        region = self.patch.region
-        mask = None if region is None else block_mask(region, q, extra_options)
-        if mask is not None and mask.is_off:
+        mask = None if references is None else active_mask(self.patch.region, q, extra_options)
+        if mask is None:
             return inner(q, k, v, extra_options)
         split = None if self.patch.identity_in_negative else chunk_rows(extra_options, q.shape[0], q.device)
         rows, others = (None, None) if split is None else split
         if rows is not None and rows.numel() == 0:
             return inner(q, k, v, extra_options)
-        index = self.patch.block_index(extra_options)
+        index = block_index(self.patch.first_block, extra_options)
         if index not in references:
             return inner(q, k, v, extra_options)
         block = self.patch.adapter.model.blocks[index]
         attend = functools.partial(
             block.cross_attention if self.cross else block.self_attention,
             ref=references[index], heads=extra_options["n_heads"], weight=self.patch.weight,
-            attention=functools.partial(adapter_attention(q.device), attn_precision=extra_options.get("attn_precision"),
-                                        transformer_options=extra_options),
+            attention=block_attention(q.device, extra_options),
         )
-        mask_values = None if mask is None or mask.is_full else mask.values
+        mask_values = None if mask.is_full else mask.values
         own_from_kernel = not self.cross and mask_values is None and runs_unet_kernel(inner, extra_options)
         inner_own = None if own_from_kernel else (lambda q, k, v, heads: inner(q, k, v, extra_options))
         if rows is None:
@@ -386,15 +379,13 @@ def apply_inv_adapter(model, adapter: LoadedAdapter, reference: ReferenceTraject
     the input MODEL is untouched."""
     in_negative = identity_in_negative(negative_identity)
     region = None if mask is None else RegionMask(mask)
-    unet = model.get_model_object("diffusion_model")
-    blocks = describe_unet(unet, type(model.model.model_config).__name__, model_prediction(model))
+    blocks = describe_model(model)
     check_layout(adapter.config.layout, blocks.layout, adapter.name, method="Inv-Adapter")
     check_inverted_with(reference, model_key(model))
     require_finite(weight=weight)
-    check_schedule(start_at, end_at)
+    window = step_window(model, start_at, end_at)
     model_sampling = model.get_model_object("model_sampling")
     reference_sigma = None if reference_timestep < 0 else float(model_sampling.sigmas[min(reference_timestep, len(model_sampling.sigmas) - 1)])
-    window = StepWindow(float(model_sampling.percent_to_sigma(start_at)), float(model_sampling.percent_to_sigma(end_at)))
     patch = InvAdapterPatch(adapter, reference, weight, window, blocks.first_block, reference_sigma, cache_features,
                             region, in_negative, adapter_blocks(blocks.layout, blocks_mode))
     patched = model.clone()

@@ -12,7 +12,9 @@ from ..idadapter_core.inv_adapter import load_inv_adapter
 from ..idadapter_core.schedule import BLOCK_MODES, NEGATIVE_IDENTITY_MODES
 from .comfy_binding import load_adapter_for_comfy, register_weights_folder
 from .inv_adapter_binding import apply_inv_adapter, crop_reference_face, invert_reference
-from .pack_types import CATEGORY, InvAdapterType, InvReferenceType, PackNode, identity_in_negative_input
+from .pack_types import (
+    CATEGORY, InvAdapterType, InvReferenceType, PackNode, identity_in_negative_input, strength_and_schedule_inputs,
+)
 
 MODEL_FOLDER = "inv_adapter"
 
@@ -93,15 +95,10 @@ class ApplyInvAdapter(PackNode):
                 io.Model.Input("model", tooltip="The same MODEL the reference was inverted with."),
                 InvAdapterType.Input("inv_adapter", tooltip="From Load Inv-Adapter."),
                 InvReferenceType.Input("reference", tooltip="From Invert Reference."),
-                io.Float.Input("weight", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="Scales both of the EAA's branches; 0 turns it off (and skips the reference pass)."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule where the adapter starts acting."),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule where the adapter stops acting."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Where this identity goes (1) and where not (0), any size: resized to the image. "
-                                      "Chain one Apply per person, each with its own mask, for several people in one image."),
+                *strength_and_schedule_inputs(
+                    (0.0, 2.0), "Scales both of the EAA's branches; 0 turns it off (and skips the reference pass).",
+                    acting="the adapter",
+                ),
                 io.Int.Input("reference_timestep", default=-1, min=-1, max=999, advanced=True,
                              tooltip="-1: the reference pass runs at the same noise level as each step (lock-step). "
                                      "0-999: always at this timestep's point of the inverted trajectory."),

@@ -1,5 +1,6 @@
 """The node category, the custom socket types this pack's nodes pass between each other, the base class of the pack's
-nodes, which refuses a value of the wrong type on one of those sockets, and the inputs both Apply nodes share.
+nodes, which refuses a value of the wrong type on one of those sockets, and the inputs both Apply nodes share
+(`strength_and_schedule_inputs`, `identity_in_negative_input`).
 
 ComfyUI checks that a link joins sockets of the same type, but an API prompt can put any value where a link belongs
 (`"inv_adapter": "accept-inv.safetensors"`): it passes validation and would fail deep inside the node with a raw
@@ -123,3 +124,19 @@ def identity_in_negative_input() -> io.Combo.Input:
                 "trained to see it), so the KSampler's cfg scales the identity too. 'same as positive': both halves "
                 "get the identity, so cfg amplifies only the prompt.",
     )
+
+
+def strength_and_schedule_inputs(weight_range: tuple[float, float], weight_tooltip: str, acting: str) -> list[io.Input]:
+    """The inputs both Apply nodes share, in their order: `weight` (each method's range and meaning), `start_at` and
+    `end_at` (where in the sampling schedule `acting` acts) and the region `mask`."""
+    low, high = weight_range
+    return [
+        io.Float.Input("weight", default=1.0, min=low, max=high, step=0.05, tooltip=weight_tooltip),
+        io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip=f"Fraction of the sampling schedule where {acting} starts acting."),
+        io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip=f"Fraction of the sampling schedule where {acting} stops acting."),
+        io.Mask.Input("mask", optional=True,
+                      tooltip="Where this identity goes (1) and where not (0), any size: resized to the image. "
+                              "Chain one Apply per person, each with its own mask, for several people in one image."),
+    ]

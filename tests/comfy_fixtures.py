@@ -1,15 +1,20 @@
-"""Random-weight models written in ComfyUI's own formats, for the host integration tests (no downloads)."""
+"""Random-weight models written in ComfyUI's own formats, for the host integration tests (no downloads), and what
+several host test modules use: fake face features, ComfyUI's folders pointed at a test tree, a MODEL's weight hash, the refusal of pickled weights."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig, save_idadapter
 from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, save_inv_adapter
 from idadapter_core.presets import UNetLayout
+from train.fit import weights_digest
 
 # An SD1.5 checkpoint as ComfyUI detects it (model_channels 320, context 768, conv proj_in), but with two UNet
 # levels and one res block each: 2 input + 1 middle + 4 output transformer blocks, small enough for CPU tests.
@@ -226,3 +231,48 @@ def diffusers_twin(comfy_unet, unet_config: dict, **config):
     missing, unexpected = twin.load_state_dict({d: comfy_sd[c] for d, c in mapping.items() if c in comfy_sd}, strict=False)
     assert not missing and not unexpected
     return twin
+
+
+def fake_features(config: IDAdapterConfig, seed: int = 0):
+    """Face features of the right shapes for Encode Identity (the face pipeline itself is tested in test_face*)."""
+    g = torch.Generator().manual_seed(seed)
+    n, mff = config.num_refs, config.mff
+
+    class Features:
+        clip_patches = torch.randn(n, mff.num_patches, mff.clip_dim, generator=g)
+        face_embeds = torch.nn.functional.normalize(torch.randn(n, mff.face_dim, generator=g), dim=-1)
+        clip_image_embeds = torch.randn(n, config.clip_embed_dim, generator=g)
+
+    return Features
+
+
+@contextmanager
+def comfy_folders(input_directory: Path, **model_folders: Path):
+    """ComfyUI's input folder set to `input_directory` (restored afterwards) and `model_folders` registered first in
+    their lists (Load Checkpoint, Load IDAdapter, Load InsightFace find their files there)."""
+    import folder_paths
+
+    for kind, folder in model_folders.items():
+        folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
+    previous = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(input_directory))
+    try:
+        yield
+    finally:
+        folder_paths.set_input_directory(previous)
+
+
+def model_hash(model) -> str:
+    """The trainer's `weights_digest` of a MODEL's (ModelPatcher's) weights: equal before and after means untouched."""
+    return weights_digest(model.model)
+
+
+def check_pickled_weights_are_listed_and_refused(folder: Path, name: str, load: Callable[[str], object], reason: str) -> None:
+    """A PyTorch checkpoint `name` saved in the weights `folder` (registered in ComfyUI under its folder name) is listed,
+    so that picking it says why it does not load: `load(name)` fails matching `reason`."""
+    import folder_paths
+
+    torch.save({"w": torch.zeros(2)}, folder / name)
+    assert name in folder_paths.get_filename_list(folder.name)
+    with pytest.raises(Exception, match=reason):
+        load(name)

@@ -1,4 +1,8 @@
-"""Tiny models built in code: no downloads, CPU, seconds."""
+"""Tiny models built in code: no downloads, CPU, seconds. The fixtures every test module shares live here (the models
+and data they build: comfy_fixtures.py, train_fixtures.py); no test module imports another.
+
+`one_thread` and `no_downloads` are module-wide and opt-in, so that they also cover the module fixtures (shared runs)
+of a module that asks for them and no other module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
 from __future__ import annotations
 
 import importlib
@@ -34,6 +38,40 @@ if str(REPO_ROOT) not in sys.path:
 
 from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig  # noqa: E402
 from train.tiny_models import tiny_unet_config  # noqa: E402,F401  (tests import it from here)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny models run fastest on one thread, and do not stall when other jobs share
+    the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def no_downloads():
+    """Every model comes from a local folder: a download attempt (Hugging Face or insightface) fails the test."""
+    import huggingface_hub.file_download
+    import insightface.utils.storage
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tried to download {args}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.file_download, "http_get", refuse)
+        patch.setattr(insightface.utils.storage, "download_file", refuse)
+        yield
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    """The trainer's tiny world, once per module: a prepared cache, its insightface pack, a CLIP vision model and SD1.5,
+    SD2.1-v and SDXL-shaped pipelines (train_fixtures.settings turns it into a fit's settings)."""
+    from train_fixtures import write_fit_workspace
+
+    return write_fit_workspace(tmp_path_factory.mktemp("fit"))
 
 
 @pytest.fixture

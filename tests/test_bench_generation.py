@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from bench import identity_generation as generation
 from idadapter_core.face import load_face_analyzer
 from idadapter_core.face.similarity import face_embeddings
 from train import miniature as world
 from train.tiny_face_models import write_model_pack
-from test_train_fit import one_thread  # noqa: F401  (module-wide fixture: one torch thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_read_out_is_exact_on_every_rendered_person():

@@ -20,7 +20,8 @@ from train.data import SamplePlan
 from train.fit import TrainingSession
 from train.tiny_face_models import write_model_pack
 from train.tiny_models import TINY_SPEC, build_base_components, save_base_model
-from test_train_fit import one_thread  # noqa: F401  (module-wide fixture: one torch thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = throughput.Scale(1 / 16, 1 / 8)
 """64 px, 20-channel UNet, 4 CLIP patches: the smallest scale the layouts allow."""

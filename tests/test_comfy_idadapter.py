@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib
 
 import pytest
 import torch
 
-from comfy_fixtures import TINY_SD15_LAYOUT, comfy_model_tree, diffusers_twin, tiny_adapter_config, write_adapter
+from comfy_fixtures import (
+    TINY_SD15_LAYOUT, check_pickled_weights_are_listed_and_refused, comfy_model_tree, diffusers_twin, fake_features,
+    model_hash, tiny_adapter_config, write_adapter,
+)
 from idadapter_core import IdentityEmbeds
 from idadapter_core.presets import UNetLayout
 
@@ -34,19 +36,6 @@ def host(comfy_pack, tmp_path_factory):
 
 def load(host, name):
     return host["nodes"].LoadIDAdapter.execute(name).result[0]
-
-
-def fake_features(config, seed=0):
-    """Face features of the right shapes (the face pipeline itself is tested in test_face*)."""
-    g = torch.Generator().manual_seed(seed)
-    n, mff = config.num_refs, config.mff
-
-    class Features:
-        clip_patches = torch.randn(n, mff.num_patches, mff.clip_dim, generator=g)
-        face_embeds = torch.nn.functional.normalize(torch.randn(n, mff.face_dim, generator=g), dim=-1)
-        clip_image_embeds = torch.randn(n, config.clip_embed_dim, generator=g)
-
-    return Features
 
 
 def encode(host, adapter, seed=0) -> IdentityEmbeds:
@@ -83,14 +72,6 @@ def with_static_kv_patches(model, adapter, strength):
         patches[f"{name}.attn2.to_v.weight"] = ("diff", (kv.to_v.diff.detach(),))
     assert len(patched.add_patches(patches, strength)) == len(patches)
     return patched
-
-
-def model_hash(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def test_apply_returns_a_patched_clone_and_leaves_the_input_model_untouched(host):
@@ -374,12 +355,10 @@ def test_weights_with_nan_or_inf_are_refused_naming_the_tensor(host):
 
 
 def test_pickled_weights_are_listed_and_refused_with_the_reason(host):
-    import folder_paths
-
-    torch.save({"w": torch.zeros(2)}, host["root"] / "idadapter" / "legacy.bin")
-    assert "legacy.bin" in folder_paths.get_filename_list("idadapter")
-    with pytest.raises(Exception, match=r"legacy.bin is a PyTorch zip checkpoint, not safetensors.*python -m train export"):
-        load(host, "legacy.bin")
+    check_pickled_weights_are_listed_and_refused(
+        host["root"] / "idadapter", "legacy.bin", lambda name: load(host, name),
+        r"legacy.bin is a PyTorch zip checkpoint, not safetensors.*python -m train export",
+    )
 
 
 def test_weights_for_a_layout_of_the_same_name_say_what_differs(host):
@@ -461,9 +440,10 @@ def test_deep_blocks_run_in_forward_order_and_match_diffusers(comfy_pack, tmp_pa
     from idadapter_core import load_idadapter
     from idadapter_core.hosts import DiffusersIDAdapter
 
-    binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
+    binding = importlib.import_module("comfyui_idadapter.nodes.idadapter_binding")
+    host_binding = importlib.import_module("comfyui_idadapter.nodes.comfy_binding")
     comfy_unet = randomize_(UNetModel(**DEEP_UNET, operations=comfy.ops.disable_weight_init), 7).eval()
-    blocks = binding.describe_unet(comfy_unet)
+    blocks = host_binding.describe_unet(comfy_unet)
     assert blocks.layout.same_shape_as(DEEP_LAYOUT)
     assert blocks.first_block == (0, 1, 3, 5, 7, 9, 10)  # 7 SpatialTransformers, depths 1,2,2,2,2,1,1
     path = tmp_path / "deep.safetensors"

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 
 import numpy as np
 import pytest
 import torch
 
-from comfy_fixtures import comfy_model_tree, diffusers_twin, write_inv_adapter
+from comfy_fixtures import (
+    check_pickled_weights_are_listed_and_refused, comfy_model_tree, diffusers_twin, model_hash, write_inv_adapter,
+)
 from idadapter_core.presets import UNetLayout
 
 pytestmark = pytest.mark.comfyui
@@ -53,14 +54,6 @@ def sample(model, clip, seed=0, batch=1, steps=2, cfg=7.0):
 def invert(host, model, image=None, steps=4):
     return host["nodes"].InvertReference.execute(model, host["vae"], host["clip"], host["image"] if image is None
                                                  else image, steps).result[0]
-
-
-def model_hash(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def test_inversion_walks_the_noise_levels_up_and_keeps_the_null_prompt(host):
@@ -166,12 +159,10 @@ def test_bad_inputs_are_refused_with_clear_messages(host):
 
 
 def test_pickled_weights_are_listed_and_refused_with_the_reason(host):
-    import folder_paths
-
-    torch.save({"w": torch.zeros(2)}, host["root"] / "inv_adapter" / "legacy.pt")
-    assert "legacy.pt" in folder_paths.get_filename_list("inv_adapter")
-    with pytest.raises(Exception, match=r"legacy.pt is a PyTorch zip checkpoint, not safetensors"):
-        load(host, "legacy.pt")
+    check_pickled_weights_are_listed_and_refused(
+        host["root"] / "inv_adapter", "legacy.pt", lambda name: load(host, name),
+        r"legacy.pt is a PyTorch zip checkpoint, not safetensors",
+    )
 
 
 def test_face_crop_with_the_real_face_model_and_no_face_error(host):

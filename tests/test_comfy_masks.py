@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from comfy_fixtures import TINY_SD15_LAYOUT, comfy_model_tree, tiny_adapter_config, write_adapter, write_inv_adapter
+from comfy_fixtures import (
+    TINY_SD15_LAYOUT, comfy_model_tree, fake_features, tiny_adapter_config, write_adapter, write_inv_adapter,
+)
 
 pytestmark = pytest.mark.comfyui
 
@@ -33,7 +35,6 @@ def host(comfy_pack, tmp_path_factory):
     write_inv_adapter(root / "inv_adapter" / "trained.safetensors")
     id_nodes = importlib.import_module("comfyui_idadapter.nodes.idadapter_nodes")
     inv_nodes = importlib.import_module("comfyui_idadapter.nodes.inv_adapter_nodes")
-    from test_comfy_idadapter import fake_features
 
     adapter = id_nodes.LoadIDAdapter.execute("tiny.safetensors").result[0]
     embeds = [id_nodes.EncodeIdentity.execute(adapter, fake_features(adapter.config, seed)).result[0] for seed in (0, 1)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,12 @@ import pytest
 import torch
 
 from comfy_fixtures import (
-    comfy_clip_vision_config, load_clip_vision, write_clip_vision, write_tiny_sd15_checkpoint,
+    comfy_clip_vision_config, comfy_folders, load_clip_vision, write_clip_vision, write_tiny_sd15_checkpoint,
     write_tiny_sd15_config_folder, write_transformers_clip_vision,
 )
 from conftest import shared_assets_or_skip
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 
 FACE_PACK = "standin_scrfd_mbf128"
 RELATIVE_TOLERANCE = 1e-4
@@ -44,15 +43,6 @@ TINY_CLIP_VISION_SIZES = {224: 14, 32: 8, 336: 14}
 """image size -> patch size."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: these models are small per call, and several threads stall when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pack(comfy_pack):
     """The pack as ComfyUI imported it (its own copy of the core), and ComfyUI's own node module."""
@@ -64,22 +54,6 @@ def pack(comfy_pack):
         idadapter_nodes=importlib.import_module("comfyui_idadapter.nodes.idadapter_nodes"),
         comfy_nodes=comfy_nodes,
     )
-
-
-@contextmanager
-def comfy_folders(input_directory: Path, **model_folders: Path):
-    """ComfyUI's input folder set to `input_directory` (restored afterwards) and `model_folders` registered first in
-    their lists (Load Checkpoint, Load IDAdapter, Load InsightFace find their files there)."""
-    import folder_paths
-
-    for kind, folder in model_folders.items():
-        folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
-    previous = folder_paths.get_input_directory()
-    folder_paths.set_input_directory(str(input_directory))
-    try:
-        yield
-    finally:
-        folder_paths.set_input_directory(previous)
 
 
 def deviation(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

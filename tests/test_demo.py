@@ -12,10 +12,12 @@ from PIL import Image
 
 from conftest import shared_assets_or_skip
 from idadapter_core import load_idadapter
-from test_train_fit import forget_accelerate_state, no_downloads  # noqa: F401  (module-wide: downloads fail the test)
 from train.__main__ import build_parser
 from train.checkpoints import ADAPTER_FILE
 from train.demo import MARKER, DemoError, claim_output, identity_of, loss_summary
+from train_fixtures import forget_accelerate_state
+
+pytestmark = pytest.mark.usefixtures("no_downloads")  # module-wide: a download fails the test
 
 STEPS = 3
 

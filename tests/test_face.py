@@ -27,14 +27,7 @@ THREE_FACES = [(64, 48, 32), (96, 224, 128), (256, 64, 64)]
 ONE_FACE = [(160, 160, 128)]
 
 
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    import insightface.utils.storage as storage
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"insightface tried to download {args}")
-
-    monkeypatch.setattr(storage, "download_file", refuse)
+pytestmark = pytest.mark.usefixtures("no_downloads")
 
 
 @pytest.fixture(scope="module")

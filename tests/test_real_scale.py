@@ -18,12 +18,7 @@ from bench import real_scale, real_scale_meta, real_scale_run
 from bench.common import SD15_COMFY_UNET
 from train.real_size_models import FACE_PACK, IRESNET100, open_idadapter, write_face_pack
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the measuring tools (CI) --------------------------------------------------------------------------------------
@@ -190,8 +185,7 @@ def export_full_size_idadapter(root: Path, face_dim: int, face_model: str) -> Pa
 @pytest.mark.slow
 @pytest.mark.comfyui
 def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one_step(comfy_pack, tmp_path):
-    from comfy_fixtures import comfy_clip_vision_config, write_clip_vision
-    from test_comfy_train import comfy_folders
+    from comfy_fixtures import comfy_clip_vision_config, comfy_folders, write_clip_vision
 
     assets = shared_assets_or_skip()
     torch.set_num_threads(2)

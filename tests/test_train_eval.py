@@ -12,7 +12,6 @@ from PIL import Image
 
 from idadapter_core.errors import IncompatibleWeightsError
 from idadapter_core.face import face_embeddings, identity_similarity, load_face_analyzer, load_image
-from test_train_fit import forget_accelerate_state, no_downloads, one_thread  # noqa: F401  (module-wide fixtures)
 from train.__main__ import main
 from train.eval import (
     EvalError, collect_references, evaluate, leave_one_out_similarity, load_eval_models, read_prompts,
@@ -23,7 +22,9 @@ from train.config import resolve_config
 from train.generate import SamplingSettings
 from train.tiny_face_models import write_model_pack
 from train.tiny_models import RESOLUTION, write_tiny_clip_vision, write_tiny_pipeline
-from train_fixtures import FACE_DIM, FACE_PACK, write_tiny_cache
+from train_fixtures import FACE_DIM, FACE_PACK, forget_accelerate_state, write_tiny_cache
+
+pytestmark = pytest.mark.usefixtures("no_downloads", "one_thread")
 
 PROMPTS = ["a portrait photo", "a photo of a woman smiling outdoors"]
 NUM_REFS = 2

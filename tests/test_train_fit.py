@@ -21,7 +21,7 @@ import yaml
 
 from conftest import REPO_ROOT
 from idadapter_core import load_idadapter
-from train_fixtures import FACE_DIM, FACE_PACK, IDENTITIES, write_tiny_cache
+from train_fixtures import FACE_DIM, FACE_PACK, IDENTITIES, forget_accelerate_state, settings
 from train.__main__ import main
 from train.cache import TrainCache
 from train.checkpoints import ADAPTER_FILE, CHECKPOINTS_DIR, OPTIMIZER_FILE, list_checkpoints
@@ -31,67 +31,14 @@ from train.export import ExportError, export_checkpoint
 from train.fit import TrainingSession, assemble_batch, build_training_step, train, weights_digest
 from train.losses import FaceDetections, FaceIDLoss
 from train.tiny_face_models import ARCFACE_TEMPLATE
-from train.tiny_models import RESOLUTION, write_tiny_clip_vision, write_tiny_pipeline
+from train.tiny_models import RESOLUTION
 
-
-def forget_accelerate_state() -> None:
-    """accelerate keeps its settings in process-wide singletons, which a second run in the process must not inherit."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("no_downloads", "one_thread")
 
 
 def run(config: FitConfig, stop_after: int | None = None):
     forget_accelerate_state()
     return train(config, stop_after=stop_after)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_downloads():
-    """Every model comes from a local folder: a download attempt fails the test (module-wide, so the shared runs
-    made by module fixtures are covered too)."""
-    import huggingface_hub.file_download
-    import insightface.utils.storage
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"tried to download {args}")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(huggingface_hub.file_download, "http_get", refuse)
-        patch.setattr(insightface.utils.storage, "download_file", refuse)
-        yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fit")
-    pack_root, cache = write_tiny_cache(root)
-    return {
-        "root": root, "cache": cache, "insightface": pack_root, "clip": write_tiny_clip_vision(root / "clip"),
-        "sd15": write_tiny_pipeline(root / "sd15"), "v": write_tiny_pipeline(root / "sd21v", "v"),
-        "sdxl": write_tiny_pipeline(root / "sdxl", "sdxl"),
-    }
-
-
-def settings(ws: dict[str, Path], out: str, **overrides) -> dict:
-    values = dict(
-        cache=str(ws["cache"]), output_dir=str(ws["root"] / out), pretrained=str(ws["sd15"]), clip_vision=str(ws["clip"]),
-        insightface_root=str(ws["insightface"]), face_det_size=64, num_refs=2, mff_width=16, mff_heads=2,
-        batch_size=2, max_steps=6, checkpoint_every=2, keep_checkpoints=0, resolution=RESOLUTION, lr=1e-3,
-        identity_dropout=0.3, deterministic=True, log_with="none",
-    )
-    values.update(overrides)
-    return values
 
 
 def make_config(ws, out: str, **overrides) -> FitConfig:

@@ -13,13 +13,14 @@ from idadapter_core.errors import IDAdapterError
 from idadapter_core.hosts import DiffusersInvAdapter
 from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig
 from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
-from test_train_fit import no_downloads, one_thread  # noqa: F401  (module-wide fixtures)
 from train.config import FitConfig
 from train.generate import (
     SAMPLING_REFERENCE_FEATURES, SamplingSettings, encode_reference, generate_identity_images, generate_inv_adapter_images,
 )
 from train.models import load_base_model
 from train.tiny_models import RESOLUTION, write_tiny_pipeline
+
+pytestmark = pytest.mark.usefixtures("no_downloads", "one_thread")
 
 GUIDED, SAME = NEGATIVE_IDENTITY_MODES
 PROMPTS = ["a portrait photo", "a photo of a man smiling"]

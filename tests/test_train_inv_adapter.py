@@ -8,7 +8,6 @@ import torch
 
 from idadapter_core.hosts import DiffusersInvAdapter
 from idadapter_core.inv_adapter import InvAdapter, load_inv_adapter
-from test_train_fit import forget_accelerate_state, no_downloads, one_thread, settings, workspace  # noqa: F401
 from train.checkpoints import ADAPTER_FILE, CHECKPOINTS_DIR
 from train.config import ConfigError, resolve_config
 from train.export import export_checkpoint
@@ -17,6 +16,9 @@ from train.cache import TrainCache
 from train.generate import inv_adapter_reference
 from train.models import load_base_model
 from train.tiny_models import RESOLUTION
+from train_fixtures import forget_accelerate_state, settings
+
+pytestmark = pytest.mark.usefixtures("no_downloads", "one_thread")
 
 
 def inv_settings(ws, out: str, **overrides) -> dict:
@@ -27,7 +29,7 @@ def inv_settings(ws, out: str, **overrides) -> dict:
 
 
 @pytest.mark.parametrize("reference_features", ["noised", "inversion"])
-def test_fit_trains_only_the_eaa_and_exports_an_inv_adapter_file(workspace, reference_features, tmp_path):  # noqa: F811
+def test_fit_trains_only_the_eaa_and_exports_an_inv_adapter_file(workspace, reference_features, tmp_path):
     config = resolve_config(None, inv_settings(workspace, f"inv-{reference_features}", reference_features=reference_features,
                                                inversion_steps=4))
     torch.manual_seed(config.seed)

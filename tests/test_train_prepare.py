@@ -29,14 +29,7 @@ SETTINGS_KEYS = {"format", "version", "face_model", "face_embed_dim", "det_size"
                  "source_fingerprint"}
 
 
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    import insightface.utils.storage as storage
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"insightface tried to download {args}")
-
-    monkeypatch.setattr(storage, "download_file", refuse)
+pytestmark = pytest.mark.usefixtures("no_downloads")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Host bindings outside ComfyUI (ComfyUI's own lives in `nodes/comfy_binding.py`). Each is duck-typed on its host's
-module layout, so importing it needs neither diffusers nor transformers.
+"""Host bindings outside ComfyUI (ComfyUI's own lives in `nodes/`: `comfy_binding.py` shared by the methods, one
+`*_binding.py` per method). Each is duck-typed on its host's module layout, so importing it needs neither diffusers
+nor transformers.
 
     diffusers_unet.py       shared by every method: a diffusers UNet's transformer blocks and layout
     diffusers_idadapter.py  IDAdapter attached to a diffusers UNet (the trainer's host, the parity reference)
