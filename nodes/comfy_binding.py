@@ -196,9 +196,12 @@ def chunk_rows(extra_options: dict, batch: int, device: torch.device) -> tuple[t
     if not any(negatives):
         return None
     size = batch // len(negatives)
-    rows = torch.arange(batch, device=device).view(len(negatives), size)
-    negative = torch.tensor(negatives, device=device)
-    return rows[~negative].reshape(-1), rows[negative].reshape(-1)
+    rows = {False: [], True: []}
+    for chunk, is_negative in enumerate(negatives):
+        rows[bool(is_negative)].extend(range(chunk * size, (chunk + 1) * size))
+    # Index lists built here, not a boolean mask on the device: no nonzero(), so FLOP counting under fake tensors
+    # (bench/inv_adapter_cost.py --flops) can run the patch.
+    return torch.tensor(rows[False], device=device), torch.tensor(rows[True], device=device)
 
 
 def block_mask(region: RegionMask, tokens: torch.Tensor, extra_options: dict) -> GridMask:
