@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from bench.comfy_host import import_pack, start_comfyui
-from bench.common import VIT_H_14_OPENCLIP, best_seconds, count_flops, print_and_write
+from bench.common import SHARED_ASSETS, VIT_H_14_OPENCLIP, best_seconds, count_flops, print_and_write
 from idadapter_core.face import (
     DetectedFace, FaceAnalyzer, align_reference, arcface_embeddings, clip_features, load_face_analyzer,
     load_image, to_rgb_uint8,
@@ -53,8 +53,6 @@ from train.insightface_archs import (
 )
 from train.real_size_models import build_clip_vision
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
 log = logging.getLogger("face_encode")
 
 
