@@ -11,9 +11,7 @@ from types import ModuleType
 
 import torch
 
-from bench.common import SD15_COMFY_UNET
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench.common import REPO_ROOT, SD15_COMFY_UNET
 
 
 def start_comfyui(*flags: str) -> None:

@@ -26,6 +26,9 @@ from train.real_size_models import BaseSpec
 log = logging.getLogger("bench")
 
 MB, GIB = 1e6, 2**30
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
+"""The real test assets (photos, insightface stand-in pack) beside the repository, where CI keeps them."""
 
 
 # ---- timing, ratios, spread -------------------------------------------------------------------------------------

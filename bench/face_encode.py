@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from bench.comfy_host import import_pack, start_comfyui
-from bench.common import VIT_H_14_OPENCLIP, best_seconds, count_flops, print_and_write
+from bench.common import SHARED_ASSETS, VIT_H_14_OPENCLIP, best_seconds, count_flops, print_and_write
 from idadapter_core.face import (
     DetectedFace, FaceAnalyzer, align_reference, arcface_embeddings, clip_features, load_face_analyzer,
     load_image, to_rgb_uint8,
@@ -51,9 +51,8 @@ from idadapter_core.hosts import clip_encoder_from_transformers
 from train.insightface_archs import (
     IRESNET100_STAGES, SCRFD10G, IResNet, export_like_insightface, export_scrfd_like_insightface,
 )
+from train.real_size_models import build_clip_vision
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
 log = logging.getLogger("face_encode")
 
 
@@ -77,13 +76,6 @@ def export_pack(folder: Path) -> dict[str, float]:
     return {"detector @640x640": gmacs(detector, torch.zeros(1, 3, 640, 640)),
             "detector @640x480 (VGA)": gmacs(detector, torch.zeros(1, 3, 480, 640)),
             "recognizer": gmacs(recognizer, torch.zeros(1, 3, 112, 112))}
-
-
-def build_clip_vit_h():
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_14_OPENCLIP)).eval()
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------
@@ -250,7 +242,7 @@ def measure(settings: Settings) -> dict:
         start = time.perf_counter()
         report["gmacs"] = export_pack(work / "models" / "bench_scrfd10g_r100")
         analyzer = load_face_analyzer(work, "bench_scrfd10g_r100", "CPU", det_size=640)
-        clip = build_clip_vit_h()
+        clip = build_clip_vision(VIT_H_14_OPENCLIP)
         report["gmacs"]["CLIP ViT-H/14"] = gmacs(clip, torch.zeros(1, 3, 224, 224))
         report["build_seconds"] = time.perf_counter() - start
         report["embed_dim"] = analyzer.embed_dim

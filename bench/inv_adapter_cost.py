@@ -34,12 +34,13 @@ from typing import Callable
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bench.common import SD15_UNET, Variant, count_flops, instrumented, interleaved_times, median_ratio, ratios
+from bench.common import (
+    REPO_ROOT, SD15_UNET, Variant, count_flops, instrumented, interleaved_times, median_ratio, ratios,
+)
 from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser, layout_from_diffusers_unet
 from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig, ddim_invert, inversion_sigmas
 from train.real_size_models import open_inv_adapter
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("inv_adapter_cost")
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 import torch
 
-from bench.common import Variant, interleaved_times, print_and_write, ratios, timed
+from bench.common import SHARED_ASSETS, Variant, interleaved_times, print_and_write, ratios, timed
 from train.arcface_torch import insightface_input_normalisation
 from train.insightface_archs import (
     IRESNET50_STAGES, IRESNET100_STAGES, IResNet, MobileFaceNet, as_input, export_like_insightface, get_feat_rgb,
@@ -58,8 +58,6 @@ from train.insightface_archs import (
 from train.onnx_reference_graphs import SINGLE_OP_GRAPHS, mxnet_style_recognizer, rand
 from train.onnx_to_torch import convert_onnx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
 
 try:
     import onnx2torch

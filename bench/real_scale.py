@@ -47,15 +47,13 @@ from typing import Callable
 
 import torch
 
-from bench.common import BASES, FACE_ID_WEIGHT, NUM_REFS, VIT_H_14_OPENCLIP, print_and_write
+from bench.common import BASES, FACE_ID_WEIGHT, NUM_REFS, SHARED_ASSETS, VIT_H_14_OPENCLIP, print_and_write
 from bench.real_scale_meta import count_on_meta
 from bench.real_scale_parts import measure_parts
 from bench.real_scale_run import Settings, bf16_instructions, python, rehearse, run_command
 from train.real_size_models import DETECTOR, ModelFolders, write_models
 
 log = logging.getLogger("real_scale")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO_ROOT.parent / "shared" / "assets"
 
 
 # ---- 4. projections ----------------------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ from typing import Callable
 
 import torch
 
-from bench.common import FACE_ID_WEIGHT, GIB, NUM_REFS
+from bench.common import FACE_ID_WEIGHT, GIB, NUM_REFS, REPO_ROOT
 from train.real_size_models import FACE_PACK, ModelFolders
 
 log = logging.getLogger("real_scale")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass

@@ -124,8 +124,6 @@ def worker(args: argparse.Namespace) -> dict:
     import folder_paths
     from comfy.ldm.modules import attention as comfy_attention
 
-    from idadapter_core import IdentityEmbeds
-
     pack_modules = {"": import_pack()}
     if args.before:
         pack_modules["before-"] = import_pack(Path(args.before), "comfyui_idadapter_before")
@@ -145,7 +143,10 @@ def worker(args: argparse.Namespace) -> dict:
         apply_inputs = {i.id for i in nodes.ApplyIDAdapter.GET_SCHEMA().inputs}
         for dtype, file_name in files.items():
             adapter = nodes.LoadIDAdapter.execute(file_name).result[0]
-            embeds = IdentityEmbeds(
+            # the pack's own class: Apply IDAdapter checks the type, and the repository's `idadapter_core` on sys.path
+            # is another module than the pack's
+            identity_embeds = importlib.import_module(f"{pack_modules[prefix].__name__}.idadapter_core").IdentityEmbeds
+            embeds = identity_embeds(
                 torch.randn(1, args.tokens, adapter.config.mff.width, generator=g),
                 {"l": torch.randn(1, 768, generator=g)}, adapter.fingerprint, adapter.name,
             )

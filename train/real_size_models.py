@@ -83,11 +83,16 @@ def write_clip_vision(folder: Path, config: dict | None, seed: int = 0) -> Path:
         from train.tiny_models import write_tiny_clip_vision
 
         return write_tiny_clip_vision(folder, seed)
+    build_clip_vision(config, seed).save_pretrained(folder)
+    return folder
+
+
+def build_clip_vision(config: dict, seed: int = 0):
+    """A CLIPVisionModelWithProjection of CLIPVisionConfig(**config), random weights seeded by `seed`, in eval mode."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).save_pretrained(folder)
-    return folder
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval()
 
 
 def write_face_pack(root: Path, quick: bool, assets: Path) -> Path:
