@@ -78,7 +78,8 @@ class FitConfig:
     # --- Inv-Adapter (docs/DESIGN.md §3; our inferences, [I])
     reference_features: str = _option(
         "noised", "inv-adapter: the reference latent at the step's timestep is forward-noised (fast) or taken from "
-                  "its DDIM inversion (as at inference; each reference inverted once per run)", REFERENCE_FEATURES)
+                  "its DDIM inversion (as at inference; each reference inverted once per run, its trajectory kept in "
+                  "memory; in the identity miniature it carries more identity: README)", REFERENCE_FEATURES)
     inversion_steps: int = _option(50, "inv-adapter with reference_features inversion: DDIM inversion steps")
     # --- optimisation (DESIGN.md §2.6)
     seed: int = _option(0, "seed of the adapter's initialisation, the data order, the noise and the dropout")
