@@ -99,7 +99,9 @@ class Settings(AdapterTraining):
     held_out_identities: int = 8
     photos: int = 8
     """Per adapter person (training and held out alike)."""
-    steps: int = 400
+    steps: int = 1200
+    """Adapter steps: at 400, IDAdapter guided read 0.58 ± 0.06 and Inv-Adapter 0.73 ± 0.19; at 1200, 0.75 ± 0.04 and
+    0.87 ± 0.10 (3 seeds, README)."""
     batch_size: int = 16
     inversion_steps: int = 20
     generations: int = 4
