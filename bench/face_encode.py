@@ -51,7 +51,7 @@ from idadapter_core.hosts import clip_encoder_from_transformers
 from train.insightface_archs import (
     IRESNET100_STAGES, SCRFD10G, IResNet, export_like_insightface, export_scrfd_like_insightface,
 )
-from train.real_size_models import build_clip_vision
+from train.tiny_models import build_clip_vision
 
 log = logging.getLogger("face_encode")
 

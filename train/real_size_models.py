@@ -77,24 +77,6 @@ def write_base_model(folder: Path, spec: BaseSpec, seed: int = 0) -> Path:
     return folder
 
 
-def write_clip_vision(folder: Path, config: dict | None, seed: int = 0) -> Path:
-    """A CLIPVisionModelWithProjection folder of `config` (CLIPVisionConfig kwargs; None: the trainer's tiny one)."""
-    if config is None:
-        from train.tiny_models import write_tiny_clip_vision
-
-        return write_tiny_clip_vision(folder, seed)
-    build_clip_vision(config, seed).save_pretrained(folder)
-    return folder
-
-
-def build_clip_vision(config: dict, seed: int = 0):
-    """A CLIPVisionModelWithProjection of CLIPVisionConfig(**config), random weights seeded by `seed`, in eval mode."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(seed)
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval()
-
-
 def write_face_pack(root: Path, quick: bool, assets: Path) -> Path:
     """ROOT/models/realscale_antelope/: the real detector and a random IResNet exported as insightface exports its
     recognizers (glintr100.onnx is antelopev2's IResNet-100)."""
@@ -127,7 +109,7 @@ class ModelFolders:
 
 def write_models(workdir: Path, base: BaseSpec, clip_vision: dict, quick: bool, assets: Path) -> ModelFolders:
     """Every folder a real-size rehearsal loads, under `workdir` (kept ones are reused)."""
-    from train.tiny_models import write_tiny_pipeline
+    from train.tiny_models import write_clip_vision, write_tiny_clip_vision, write_tiny_pipeline
 
     started = time.perf_counter()
     base_folder = workdir / "base"
@@ -135,7 +117,7 @@ def write_models(workdir: Path, base: BaseSpec, clip_vision: dict, quick: bool, 
         write_tiny_pipeline(base_folder, "sd15") if quick else write_base_model(base_folder, base)
     clip = workdir / "clip_vision"
     if not (clip / "config.json").is_file():
-        write_clip_vision(clip, None if quick else clip_vision)
+        write_tiny_clip_vision(clip) if quick else write_clip_vision(clip, clip_vision, seed=0)
     folders = ModelFolders(base_folder, clip, write_face_pack(workdir / "insightface", quick, assets),
                            write_photos(workdir / "photos", assets))
     log.info("model folders written in %.0f s", time.perf_counter() - started)

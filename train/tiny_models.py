@@ -141,12 +141,17 @@ def write_tiny_clip_vision(folder: Path, seed: int = 0) -> Path:
     return write_clip_vision(folder, TINY_CLIP_VISION, seed)
 
 
-def write_clip_vision(folder: Path, config: dict, seed: int) -> Path:
-    """A CLIPVisionModelWithProjection of CLIPVisionConfig(**config), random weights seeded by `seed`."""
+def build_clip_vision(config: dict, seed: int = 0):
+    """A CLIPVisionModelWithProjection of CLIPVisionConfig(**config), random weights seeded by `seed`, in eval mode."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).save_pretrained(folder)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval()
+
+
+def write_clip_vision(folder: Path, config: dict, seed: int) -> Path:
+    """`build_clip_vision(config, seed)` saved as a folder."""
+    build_clip_vision(config, seed).save_pretrained(folder)
     return folder
 
 
