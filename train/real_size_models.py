@@ -20,9 +20,6 @@ log = logging.getLogger(__name__)
 
 TEXT_VOCAB, TEXT_TOKENS = 49408, 77
 """CLIP's token-embedding table and context length; the tokenizer is the trainer's tiny one with 77 tokens."""
-SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                    steps_offset=1, prediction_type="epsilon")
-"""SD1.5's and SD2.1-base's (512 px, ε) noise schedule."""
 FACE_PACK = "realscale_antelope"
 DETECTOR = Path("insightface") / "models" / "standin_scrfd_mbf128" / "det_2.5g.onnx"
 """The real SCRFD-2.5G detector, under the assets folder."""
@@ -58,22 +55,16 @@ class BaseSpec:
 
 def write_base_model(folder: Path, spec: BaseSpec, seed: int = 0) -> Path:
     """A diffusers StableDiffusionPipeline folder of an SD1.x/2.x `spec` with random weights."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from train.tiny_models import tiny_clip_tokenizer
+    from train.tiny_models import sd_pipeline, sd_scheduler, text_encoder, tiny_clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer(max_length=TEXT_TOKENS)
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=TEXT_VOCAB, max_position_embeddings=TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec.texts[0]))
+    text = text_encoder(tokenizer, TEXT_TOKENS, vocab_size=TEXT_VOCAB, **spec.texts[0])
     vae = AutoencoderKL(sample_size=spec.resolution, **spec.vae)
     unet = UNet2DConditionModel(**dict(spec.unet, sample_size=spec.resolution // 8))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
+    sd_pipeline(vae, text, tokenizer, unet, sd_scheduler()).save_pretrained(folder)
     return folder
 
 
