@@ -62,7 +62,7 @@ from PIL import Image
 from bench.common import run_seeds, spread
 from bench.identity_learning import AdapterTraining
 from idadapter_core.face import load_face_analyzer
-from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES
+from idadapter_core.schedule import BLOCK_MODES, NEGATIVE_IDENTITY_MODES
 from train import miniature as world
 from train.ablations import cross_attention_only, self_attention_only
 from train.cache import TrainCache
@@ -80,16 +80,19 @@ from train.tiny_models import write_clip_vision
 log = logging.getLogger("identity_generation")
 
 PACK = "tiny_colour_pack"
+METHODS = ("idadapter", "inv-adapter")
 GUIDED, SAME = NEGATIVE_IDENTITY_MODES
 INV_VARIANTS = {
     "inverted references": dict(config=(("reference_features", "inversion"),), generate="inversion"),
     "fixed low-timestep reference": dict(generate="fixed"),
     "self-attention branch only": dict(adjust=self_attention_only),
     "cross-attention branch only": dict(adjust=cross_attention_only),
+    "faster mode (skip highest resolution)": dict(blocks="skip highest resolution"),
 }
 """Inv-Adapter's inferred choices besides the default (noised references in lock-step, both branches): how it is
-trained (trainer settings, a change to the step module) and generated (reference features). 'fixed' reuses the
-default's training (it is a generation-time choice)."""
+trained (trainer settings, a change to the step module) and generated (reference features, the blocks the EAA acts
+in). 'fixed' and the faster mode (Apply Inv-Adapter's `blocks = skip highest resolution`) reuse the default's
+training: they are generation-time choices."""
 
 
 @dataclass
@@ -109,11 +112,13 @@ class Settings(AdapterTraining):
     sampling_steps: int = 20
     guidance: float = 3.0
     inv_variants: tuple[str, ...] = ()
+    methods: tuple[str, ...] = METHODS
+    """The adapters trained and measured (the base's rows are always measured)."""
 
 
 QUICK = dict(base=world.BaseSettings(photos=64, autoencoder_steps=2, unet_steps=2, batch_size=4), train_identities=3,
              held_out_identities=2, photos=3, steps=2, batch_size=2, generations=2, sampling_steps=2,
-             inversion_steps=2, inv_variants=("fixed low-timestep reference",))
+             inversion_steps=2, inv_variants=("fixed low-timestep reference", "faster mode (skip highest resolution)"))
 """Seconds: every part runs, nothing is learned."""
 
 
@@ -245,12 +250,23 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
     del base, pipe
     result.seconds["data, read-out, floor and ceiling"] = time.perf_counter() - started
 
-    # IDAdapter
-    session = train_session(configs["idadapter"], settings, f"seed {seed}: IDAdapter")
-    features = session.frozen_features(caches["held-out"])
+    if "idadapter" in settings.methods:
+        idadapter_rows(seed, settings, configs["idadapter"], caches["held-out"], held_out, backgrounds, sample_seeds,
+                       record)
+        result.seconds["IDAdapter"] = time.perf_counter() - started
+    if "inv-adapter" in settings.methods:
+        inv_adapter_rows(seed, settings, configs["inv-adapter"], held_out, photos, backgrounds, sample_seeds, record,
+                         result.seconds, started)
+    return result
+
+
+def idadapter_rows(seed: int, settings: Settings, config: dict, held_out_cache: TrainCache,
+                   held_out: list[world.Identity], backgrounds: dict, sample_seeds: list[int], record) -> None:
+    session = train_session(config, settings, f"seed {seed}: IDAdapter")
+    features = session.frozen_features(held_out_cache)
     step_module = session.step_module
     step_module.eval()
-    rows_of = caches["held-out"].identities()
+    rows_of = held_out_cache.identities()
     mean_backgrounds = {p: float(np.mean(backgrounds[p][:settings.num_refs])) for p in held_out}
     for suffix, guidance, mode in method_rows(settings):
         images = {}
@@ -261,18 +277,19 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
                 features.references([references]), [world.CAPTION] * len(sample_seeds), world.CLASS_WORD,
                 sample_seeds, sampling(settings, guidance, mode))
         record(f"IDAdapter, {suffix}", images, mean_backgrounds)
-    del session, features, step_module
-    result.seconds["IDAdapter"] = time.perf_counter() - started
 
-    # Inv-Adapter: the default, then the variants asked for
+
+def inv_adapter_rows(seed: int, settings: Settings, config: dict, held_out: list[world.Identity], photos: dict,
+                     backgrounds: dict, sample_seeds: list[int], record, seconds: dict, started: float) -> None:
+    """Inv-Adapter: the default, then the variants asked for."""
     first_backgrounds = {p: backgrounds[p][0] for p in held_out}
     trained = {}
     for variant in ("", *settings.inv_variants):
         spec = INV_VARIANTS.get(variant, {})
         training_key = (spec.get("config", ()), spec.get("adjust"))
         if training_key not in trained:
-            config = {**configs["inv-adapter"], **dict(spec.get("config", ()))}
-            trained[training_key] = train_session(config, settings, f"seed {seed}: Inv-Adapter {variant}".rstrip(),
+            variant_config = {**config, **dict(spec.get("config", ()))}
+            trained[training_key] = train_session(variant_config, settings, f"seed {seed}: Inv-Adapter {variant}".rstrip(),
                                                   spec.get("adjust"))
         step_module = trained[training_key].step_module
         step_module.eval()
@@ -284,10 +301,9 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
                 base, step_module.adapter, step_module.frozen.binding, latents[p],
                 [world.CAPTION] * len(sample_seeds), sample_seeds, sampling(settings, guidance, mode),
                 reference_features=spec.get("generate", "noised"), inversion_steps=settings.inversion_steps,
-                reference_seed=seed) for p in held_out}
+                reference_seed=seed, blocks=spec.get("blocks", BLOCK_MODES[0])) for p in held_out}
             record(f"Inv-Adapter{', ' + variant if variant else ''}, {suffix}", images, first_backgrounds)
-        result.seconds[f"Inv-Adapter{', ' + variant if variant else ''}"] = time.perf_counter() - started
-    return result
+        seconds[f"Inv-Adapter{', ' + variant if variant else ''}"] = time.perf_counter() - started
 
 
 def base_images(pipe, prompt: str, seeds: list[int], settings: Settings) -> np.ndarray:
@@ -412,6 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help=f"adapter training steps (default {Settings.steps})")
     parser.add_argument("--inv-variants", nargs="*", choices=list(INV_VARIANTS), metavar="VARIANT",
                         help="Inv-Adapter's alternatives to measure too: " + "; ".join(INV_VARIANTS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="the adapters to train and measure (default: both)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/identity-generation"),
                         help="where the base models are cached and each seed's data is written")
     parser.add_argument("--picture", type=Path, help="write the first seed's picture here (PNG)")
@@ -426,7 +443,8 @@ def load_results(paths: list[Path]) -> tuple[Settings, list[SeedResult]]:
     summaries = [json.loads(path.read_text()) for path in paths]
     settings = summaries[0]["settings"]
     settings = Settings(**{**settings, "base": world.BaseSettings(**settings["base"]),
-                           "inv_variants": tuple(settings["inv_variants"])})
+                           "inv_variants": tuple(settings["inv_variants"]),
+                           "methods": tuple(settings.get("methods", METHODS))})
     return settings, [SeedResult(**seed) for summary in summaries for seed in summary["seeds"]]
 
 
@@ -443,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.steps = args.steps or settings.steps
     if args.inv_variants is not None:
         settings.inv_variants = tuple(args.inv_variants)
+    if args.methods is not None:
+        settings.methods = tuple(args.methods)
     pack_root = args.workdir / "insightface"
     if not (pack_root / "models" / PACK).is_dir():
         write_model_pack(pack_root, PACK, face_measure="colour")

@@ -77,7 +77,8 @@ def test_generation_bench_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("chance", "reference photos (read-out)", "VAE round trip", "base alone, plain caption (floor)",
                 "base told the attributes (ceiling)", "IDAdapter, cfg 3, guided", "IDAdapter, cfg 3, same as positive",
-                "Inv-Adapter, cfg 1", "Inv-Adapter, fixed low-timestep reference, cfg 3, guided"):
+                "Inv-Adapter, cfg 1", "Inv-Adapter, fixed low-timestep reference, cfg 3, guided",
+                "Inv-Adapter, faster mode (skip highest resolution), cfg 3, guided"):
         assert row in out
     summary = json.loads(results.read_text())
     assert summary["table"]["reference photos (read-out)"]["accuracy"]["mean"] == 1.0
@@ -85,3 +86,10 @@ def test_generation_bench_runs_end_to_end(tmp_path, capsys):
     assert picture.stat().st_size > 0
     assert generation.main(["--from-json", str(results), str(results)]) == 0
     assert "seed 0" in capsys.readouterr().out
+
+
+def test_one_method_alone(tmp_path, capsys):
+    assert generation.main(["--quick", "--seeds", "1", "--workdir", str(tmp_path), "--methods", "inv-adapter",
+                            "--inv-variants"]) == 0
+    out = capsys.readouterr().out
+    assert "Inv-Adapter, cfg 3, guided" in out and "IDAdapter" not in out

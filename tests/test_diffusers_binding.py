@@ -181,3 +181,32 @@ def test_inv_adapter_rows_without_the_eaa_are_the_plain_unet_exactly(tiny_unet):
     assert (everywhere - bare).abs().amax(dim=(1, 2, 3)).min() > 1e-3
     assert torch.equal(some[0::2], bare[0::2])
     torch.testing.assert_close(some[1::2], everywhere[1::2], rtol=0, atol=1e-6)  # (the EAA rows run as a sub-batch)
+
+
+def test_inv_adapter_acts_only_in_its_blocks(tiny_unet):
+    """`binding.blocks` (Apply Inv-Adapter's `blocks` mode): the other blocks run their own attention, so with no
+    block the UNet is the plain one bit for bit, and the faster mode's blocks change the output less than all."""
+    from idadapter_core.hosts import DiffusersInvAdapter
+    from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig
+    from idadapter_core.schedule import adapter_blocks
+
+    latents, t, context = unet_inputs(batch=2)
+    bare = run(tiny_unet, latents, t, context)
+    layout = layout_from_diffusers_unet(tiny_unet)
+    torch.manual_seed(0)
+    adapter = InvAdapter(InvAdapterConfig(layout))
+    with torch.no_grad():
+        for block in adapter.blocks:
+            block.self_gate.fill_(0.8)
+            block.cross_v.weight.normal_(std=0.3)
+    with DiffusersInvAdapter(tiny_unet, adapter) as binding:
+        binding.set_reference(binding.record_reference(latents[:1], t[:1], context[:1]))
+        everywhere = run(tiny_unet, latents, t, context)
+        binding.blocks = adapter_blocks(layout, "skip highest resolution")
+        faster = run(tiny_unet, latents, t, context)
+        binding.blocks = frozenset()
+        assert torch.equal(run(tiny_unet, latents, t, context), bare)
+        binding.blocks = frozenset(range(layout.num_blocks))
+        assert torch.equal(run(tiny_unet, latents, t, context), everywhere)
+    assert len(adapter_blocks(layout, "skip highest resolution")) == layout.num_blocks - 3  # the three 16-channel ones
+    assert 1e-3 < (faster - bare).abs().max() and (faster - everywhere).abs().max() > 1e-3

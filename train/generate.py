@@ -10,6 +10,8 @@ methods: the base model's own pipeline (DDIM with classifier-free guidance) with
   "noised" (the reference forward-noised to the step's timestep with one fixed noise, as fit's default trains it),
   "inversion" (the point of its DDIM inversion nearest to the step's noise level, as fit's `inversion` trains it)
   or "fixed" (forward-noised to one low `reference_timestep` for every step: the option of DESIGN.md §3.2).
+  `blocks` (a mode of `schedule.BLOCK_MODES`) chooses the transformer blocks the EAA acts in, as Apply Inv-Adapter's
+  `blocks` input does ("skip highest resolution": its faster mode).
 
 Guidance over the identity (`SamplingSettings.identity_in_negative`, `idadapter_core.schedule`): with "none
 (guided)" the negative half of every CFG step gets the null identity, so the guidance scale pushes towards the
@@ -32,7 +34,7 @@ from PIL import Image
 from idadapter_core import DiffusersIDAdapter, IDAdapter
 from idadapter_core.hosts import DiffusersInvAdapter
 from idadapter_core.inv_adapter import InvAdapter
-from idadapter_core.schedule import NEGATIVE_IDENTITY_MODES, identity_in_negative
+from idadapter_core.schedule import BLOCK_MODES, NEGATIVE_IDENTITY_MODES, adapter_blocks, identity_in_negative
 
 from .config import REFERENCE_FEATURES
 from .data import load_target_image
@@ -192,12 +194,13 @@ def generate_inv_adapter_images(
     base: BaseModel, adapter: InvAdapter, binding: DiffusersInvAdapter, reference_latent: torch.Tensor,
     prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings, reference_features: str = "noised",
     inversion_steps: int = 50, reference_timestep: int = DEFAULT_REFERENCE_TIMESTEP, reference_seed: int = 0,
+    blocks: str = BLOCK_MODES[0],
 ) -> np.ndarray:
     """(len(prompts), H, W, 3) uint8 RGB: prompt i with seed i, conditioned on one reference image.
     `reference_latent` (1, C, h, w) is its VAE latent as the UNet takes it (`encode_reference`), on the models'
     device; `binding` is `adapter` attached to `base.unet`. `reference_features`: "noised", "inversion" (with
     `inversion_steps` DDIM inversion steps) or "fixed" (at `reference_timestep`), see the module docstring;
-    `reference_seed` seeds the reference's noise."""
+    `reference_seed` seeds the reference's noise; `blocks`, a mode of `BLOCK_MODES`, where the EAA acts."""
     _check_seeds(prompts, seeds)
     if binding.adapter is not adapter:
         raise ValueError("the binding holds another Inv-Adapter than the one given; attach this adapter")
@@ -234,12 +237,14 @@ def generate_inv_adapter_images(
         binding.set_reference(recorded[at], rows)
 
     handle = unet.register_forward_pre_hook(set_step_reference, with_kwargs=True)
+    binding.blocks = adapter_blocks(base.layout, blocks)
     try:
         context, pooled = text.encode(text.tokenize(list(prompts), [""] * count, [False] * count))
         return _run_pipeline(base, settings, seeds, context, pooled)
     finally:
         handle.remove()
         binding.set_reference(None)
+        binding.blocks = None
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], tile: int, background: int = 255) -> np.ndarray:

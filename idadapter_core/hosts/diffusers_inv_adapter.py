@@ -6,7 +6,9 @@ injecting. `record_reference(...)` runs the UNet on a reference latent and keeps
 norm1(h) (the processor sees it as `hidden_states`); `set_reference(features)` projects them once through the EAA;
 UNet calls after that run the EAA, in every row of the batch or, with `set_reference(features, rows=mask)`, only in
 the rows the mask selects (e.g. the positive half of classifier-free guidance): the other rows go through the original
-processors on the whole batch, so they are exactly the unpatched UNet's. `detach()` restores the original processors.
+processors on the whole batch, so they are exactly the unpatched UNet's. `blocks` (forward-order indices; None: all)
+are the blocks the EAA acts in, as Apply Inv-Adapter's `blocks` mode sets them (`schedule.adapter_blocks`); the
+others run their original processors. `detach()` restores the original processors.
 Duck-typed: no diffusers import.
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ class _EAAProcessor:
         binding = self.binding
         if binding.recording is not None and not self.cross:
             binding.recording[self.index] = hidden_states.detach() if binding.detach_recorded else hidden_states
-        if binding.references is None or binding.recording is not None or binding.weight == 0:
+        if (binding.references is None or binding.recording is not None or binding.weight == 0
+                or (binding.blocks is not None and self.index not in binding.blocks)):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if attention_mask is not None or attn.group_norm is not None or attn.spatial_norm is not None:
             raise IncompatibleWeightsError("Inv-Adapter supports plain SD transformer blocks (no attention masks or group norms)")
@@ -77,6 +80,8 @@ class DiffusersInvAdapter:
         self.references: list[EAAReferenceKV] | None = None
         self.rows: torch.Tensor | None = None
         """(B,) bool: the batch rows that get the EAA (None: every row)."""
+        self.blocks: frozenset[int] | None = None
+        """The transformer blocks (forward order) the EAA acts in (None: every block)."""
         self._blocks = transformer_blocks_in_forward_order(unet)
         check_layout(adapter.config.layout, layout_from_diffusers_unet(unet), "this Inv-Adapter", method="Inv-Adapter")
         self._originals: list[tuple] = []
