@@ -46,10 +46,16 @@ def random_sd15_unet(image_size: int = 32, seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNetModel(**dict(SD15_COMFY_UNET, image_size=image_size), operations=comfy.ops.disable_weight_init)
+    return fill_random(unet).eval()
+
+
+def fill_random(module: torch.nn.Module) -> torch.nn.Module:
+    """Finite random weights for a module built with ComfyUI's uninitialised ops: N(0, 0.02) matrices, norm scales 1,
+    the other vectors 0 (from torch's global generator)."""
     with torch.no_grad():
-        for name, p in unet.named_parameters():
+        for name, p in module.named_parameters():
             if p.ndim > 1:
                 p.normal_(std=0.02)
             else:
                 p.fill_(1.0 if "norm" in name else 0.0)
-    return unet.eval()
+    return module

@@ -17,6 +17,9 @@ run is not timed (it loads the models and computes E_r's K/V). Variants, interle
                cache_features off: the reference pass at every step, what every first generation costs
     inv-cached the same with cache_features on, after a warm-up generation: a later generation of the same graph
     inv-fast   inv-cold with blocks = "skip highest resolution" (Inv-Adapter's faster mode)
+    gligen     ComfyUI's own GLIGEN (GLIGENTextboxApply's conditioning: one box over the whole image) with random
+               weights and open gates: the native gated self-attention our IDAdapter adapter has the form of (its
+               30 grounding tokens against IDAdapter's 1025 reference tokens), in every block and both CFG halves
     before-* the pack at --before (e.g. `git archive e13f01c`), same files: the host before this change
 The sd15 adapter has random weights, both gates of every block opened and random K/V differences; E_r is random,
 1025 tokens (4 references x 256 patches + 1). Inv-Adapter's reference is a random trajectory of 10 inversion
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from bench.comfy_host import REPO_ROOT, import_pack, random_sd15_unet, start_comfyui
+from bench.comfy_host import REPO_ROOT, fill_random, import_pack, random_sd15_unet, start_comfyui
 from bench.common import count_flops
 from train.real_size_models import open_idadapter, open_inv_adapter
 
@@ -101,6 +104,31 @@ def inv_adapter_variants(pack, model, folder: str, latent: int, prefix: str) -> 
     if "blocks" in inputs:
         variants[f"{prefix}inv-fast"] = apply(cache_features=False, blocks="skip highest resolution")
     return variants
+
+
+def gligen_positive(positive: list, latent: int, gate: float = 0.5) -> list:
+    """`positive` with ComfyUI's native GLIGEN on it, as GLIGENTextboxApply sets it (one box over the whole latent,
+    a random pooled text embedding), the GLIGEN model built as `comfy.gligen.load_gligen` builds SD1.5's: a gated
+    self-attention + gated GEGLU feed-forward per transformer block (forward order) and the box encoder."""
+    import comfy.gligen
+    import comfy.model_management
+    import comfy.model_patcher
+
+    from idadapter_core.presets import get_preset
+
+    torch.manual_seed(3)
+    fusers = [comfy.gligen.GatedSelfAttentionDense(channels, 768, 8, channels // 8)
+              for channels in get_preset("sd15").block_channels]
+    gligen = fill_random(comfy.gligen.Gligen(fusers, comfy.gligen.PositionNet(768, 768), 768))
+    with torch.no_grad():
+        for fuser in fusers:
+            fuser.alpha_attn.fill_(gate)
+            fuser.alpha_dense.fill_(gate)
+    device = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(gligen, load_device=device,
+                                               offload_device=comfy.model_management.unet_offload_device())
+    box = (torch.randn(1, 768), latent, latent, 0, 0)  # (pooled text, height, width, y, x) in latent units
+    return [[cond, {**options, "gligen": ("position", patcher, [box])}] for cond, options in positive]
 
 
 def nodes_of(pack):
@@ -167,12 +195,17 @@ def worker(args: argparse.Namespace) -> dict:
     for prefix, pack in pack_modules.items():
         if any(name.startswith(f"{prefix}inv-") for name in wanted):
             variants.update(inv_adapter_variants(pack, model, args.weights_dir, args.latent, prefix))
+    positives = {}
+    if "gligen" in wanted:
+        variants["gligen"] = model
+        positives["gligen"] = gligen_positive(positive, args.latent)
     variants = {name: m for name, m in variants.items() if name in wanted}
 
-    def run(patched) -> list[float]:
+    def run(name: str) -> list[float]:
         marks = [time.perf_counter()]
-        comfy.sample.sample(patched, noise, args.steps, 7.0, "euler", "normal", positive, negative, latent, seed=0,
-                            callback=lambda *_: marks.append(time.perf_counter()), disable_pbar=True)
+        comfy.sample.sample(variants[name], noise, args.steps, 7.0, "euler", "normal", positives.get(name, positive),
+                            negative, latent, seed=0, callback=lambda *_: marks.append(time.perf_counter()),
+                            disable_pbar=True)
         return [b - a for a, b in zip(marks[1:], marks[2:])]  # the first step loads models and E_r's K/V
 
     times: dict[str, list[list[float]]] = {name: [] for name in variants}
@@ -180,7 +213,7 @@ def worker(args: argparse.Namespace) -> dict:
     for index in range(args.warmup + args.rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            steps = run(variants[name])
+            steps = run(name)
             if index >= args.warmup:
                 times[name].append(steps)
         log.info("%s attention, round %d/%d: %s", args.attention, index + 1 - args.warmup, args.rounds,
@@ -252,7 +285,7 @@ def run_host(argv: list[str] | None = None) -> int:
     """Parent: writes the weights files, runs one worker per attention mode, prints the table."""
     parser = argparse.ArgumentParser(prog="python -m bench.step_overhead_host", description=__doc__.split("\n")[0])
     parser.add_argument("--attention", default="default,pytorch", help="comma list of: default, pytorch")
-    parser.add_argument("--variants", default="base,fp16,fp32,fast,kv-only,masked,inv-cold,inv-cached,inv-fast,"
+    parser.add_argument("--variants", default="base,fp16,fp32,fast,kv-only,masked,inv-cold,inv-cached,inv-fast,gligen,"
                                               "before-fp16,before-fp32,before-inv-cold")
     parser.add_argument("--before", help="a checkout of the pack to compare with (before-* variants)")
     parser.add_argument("--latent", type=int, default=64, help="latent size (64: 512² px)")

@@ -22,12 +22,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-from comfy.ldm.modules.attention import attention_pytorch
 
 from ..idadapter_core.errors import IDAdapterError, IncompatibleWeightsError
 from ..idadapter_core.face import FaceAnalyzer, align_reference, detect_face, to_rgb_uint8
@@ -214,6 +212,9 @@ class InvAdapterPatch(SharedPatch):
         self.adapter = adapter
         self.blocks = frozenset(range(len(adapter.model.blocks))) if blocks is None else blocks
         """The transformer blocks the EAA acts in (forward order); the reference pass stops after the last of them."""
+        self.open_self_gates = frozenset(i for i, block in enumerate(adapter.model.blocks) if bool(block.self_gate != 0))
+        """Blocks whose self-attention branch adds something: a closed one leaves the block's own attention exactly
+        ComfyUI's (an untrained adapter changes nothing, bit for bit)."""
         self.identity_in_negative = identity_in_negative
         self.region = region
         self.reference = reference
@@ -307,14 +308,15 @@ class InvAdapterPatch(SharedPatch):
             self.region.clear()
 
 
-def runs_unet_kernel(inner, extra_options: dict) -> bool:
-    """Whether the block's own self-attention is plain PyTorch SDPA: no other patch chained (`inner` is ComfyUI's own
-    attention), --use-pytorch-cross-attention, no attention override. There the EAA's kernel (on CPU the same flash
-    attention, with its log-sum-exp: `idadapter_core.attention.attention_with_lse`) gives the own part too, so the
-    rows it acts on are not attended twice; elsewhere ComfyUI computes the own part (exact, as a region mask and
-    chained patches need it) and the EAA the change only."""
-    return (inner is comfy_attention and comfy.ldm.modules.attention.optimized_attention is attention_pytorch
-            and "optimized_attention_override" not in extra_options)
+def runs_own_attention(inner, extra_options: dict) -> bool:
+    """Whether the block's own self-attention is ComfyUI's own, whichever kernel it picked: no other patch chained
+    (`inner` is ComfyUI's attention), no attention override. There the EAA's kernel gives the own part of the rows it
+    acts on (the same attention; on CPU PyTorch's flash attention with its log-sum-exp,
+    `idadapter_core.attention.attention_with_lse`, 1e-6 apart from ComfyUI's sub-quadratic kernel in float32), so
+    those rows are not attended twice; elsewhere ComfyUI computes the own part (as chained patches need it) and the
+    EAA the change only. The rows it does not act on always get ComfyUI's own attention, so they stay exactly the
+    unpatched model's."""
+    return inner is comfy_attention and "optimized_attention_override" not in extra_options
 
 
 class EAAAttention(SharedPatch):
@@ -345,7 +347,8 @@ class EAAAttention(SharedPatch):
             attention=block_attention(q.device, extra_options),
         )
         mask_values = None if mask.is_full else mask.values
-        own_from_kernel = not self.cross and mask_values is None and runs_unet_kernel(inner, extra_options)
+        own_from_kernel = (not self.cross and mask_values is None and index in self.patch.open_self_gates
+                           and runs_own_attention(inner, extra_options))
         inner_own = None if own_from_kernel else (lambda q, k, v, heads: inner(q, k, v, extra_options))
         if rows is None:
             return attend(q, k, v, own_attention=inner_own, mask=mask_values)
