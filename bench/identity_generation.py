@@ -21,7 +21,7 @@ Per seed (each seed: new identities, base weights, adapter initialisation and da
 - the adapters: `train_identities` people train them (the trainer's step, `train.fit.TrainingSession`; plain
   caption), `held_out_identities` other people are never seen by them: NEW COMBINATIONS of attribute
   values the training people have. IDAdapter: N = 4 references, identity dropout 0.1. Inv-Adapter: one reference,
-  forward-noised in lock-step with the generation (the trainer's default), both EAA branches.
+  DDIM-inverted (`inversion_steps`; the trainer's default and Apply Inv-Adapter's way), both EAA branches.
 - generation through the trainer's own path (train/generate.py), DDIM 20 steps, the plain caption as the prompt and as
   the negative prompt, 4 images per held-out person and row, from its first 4 photos (Inv-Adapter: its first photo).
 
@@ -30,7 +30,8 @@ the VAE keeps); the base alone with the plain caption (the floor) and told the a
 ceiling), both at cfg `guidance`; each method at cfg 1, and at cfg `guidance` with guidance over the identity (the
 negative half of CFG gets the null identity: IDAdapter E_r = 0 with the plain caption, as identity dropout trains it;
 Inv-Adapter the EAA off) and without it (the negative half gets the identity too); and Inv-Adapter's alternatives of
-`--inv-variants` (reference features DDIM-inverted, or fixed at a low timestep; one EAA branch only). Columns: accuracy
+`--inv-variants` (reference features forward-noised in lock-step, or fixed at a low timestep; one EAA branch only;
+the faster mode). Columns: accuracy
 per attribute and their mean against the person's own attributes ('matching'), against another held-out person's
 ('shuffled': what the same images score as someone else; the difference is what the references decide), the share
 of well-formed images, and the background check: the correlation between each image's background grey and its
@@ -83,13 +84,13 @@ PACK = "tiny_colour_pack"
 METHODS = ("idadapter", "inv-adapter")
 GUIDED, SAME = NEGATIVE_IDENTITY_MODES
 INV_VARIANTS = {
-    "inverted references": dict(config=(("reference_features", "inversion"),), generate="inversion"),
+    "forward-noised references": dict(config=(("reference_features", "noised"),), generate="noised"),
     "fixed low-timestep reference": dict(generate="fixed"),
     "self-attention branch only": dict(adjust=self_attention_only),
     "cross-attention branch only": dict(adjust=cross_attention_only),
     "faster mode (skip highest resolution)": dict(blocks="skip highest resolution"),
 }
-"""Inv-Adapter's inferred choices besides the default (noised references in lock-step, both branches): how it is
+"""Inv-Adapter's inferred choices besides the default (DDIM-inverted references, both branches): how it is
 trained (trainer settings, a change to the step module) and generated (reference features, the blocks the EAA acts
 in). 'fixed' and the faster mode (Apply Inv-Adapter's `blocks = skip highest resolution`) reuse the default's
 training: they are generation-time choices."""
@@ -300,7 +301,7 @@ def inv_adapter_rows(seed: int, settings: Settings, config: dict, held_out: list
             images = {p: generate_inv_adapter_images(
                 base, step_module.adapter, step_module.frozen.binding, latents[p],
                 [world.CAPTION] * len(sample_seeds), sample_seeds, sampling(settings, guidance, mode),
-                reference_features=spec.get("generate", "noised"), inversion_steps=settings.inversion_steps,
+                reference_features=spec.get("generate", "inversion"), inversion_steps=settings.inversion_steps,
                 reference_seed=seed, blocks=spec.get("blocks", BLOCK_MODES[0])) for p in held_out}
             record(f"Inv-Adapter{', ' + variant if variant else ''}, {suffix}", images, first_backgrounds)
         seconds[f"Inv-Adapter{', ' + variant if variant else ''}"] = time.perf_counter() - started

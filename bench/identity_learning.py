@@ -17,9 +17,9 @@ same initialisation and sample order:
 - skip highest resolution: the faster mode (Apply IDAdapter's `blocks`), the adapters of the highest-resolution
   blocks closed at training and at inference; the full model is also evaluated with them closed at inference only.
 Inv-Adapter (`--method inv-adapter`; train/inv_adapter_step.py, one reference image per sample, no identity dropout)
-is trained from the same base model in four settings: forward-noised references (the trainer's default) with both EAA
-branches, with the self-attention branch only (W''_V frozen at 0) and the cross-attention branch only (the gate frozen
-at 0), and DDIM-inverted references (`reference_features: inversion`) with both branches.
+is trained from the same base model in four settings: forward-noised references (`reference_features: noised`) with
+both EAA branches, with the self-attention branch only (W''_V frozen at 0) and the cross-attention branch only (the
+gate frozen at 0), and DDIM-inverted references (the trainer's default) with both branches.
 
 Check: diffusion loss on held-out target images of the TRAINING identities (images never used as targets or references
 in training; with 8 identities the mapping from references to appearance is learned for those, not for identities
@@ -84,15 +84,16 @@ class Variant:
 FULL_IDADAPTER, SKIPPED = "full (E_r + E_c)", "skip highest resolution (training and inference)"
 SKIPPED_AT_INFERENCE = "full, skip highest resolution at inference only"
 """Not trained on its own: the full model evaluated with the faster mode."""
+NOISED = (("reference_features", "noised"),)
 VARIANTS: dict[str, Variant] = {
     FULL_IDADAPTER: Variant("idadapter"),
     "identity token only": Variant("idadapter", token_only),
     "adapter only": Variant("idadapter", adapter_only),
     SKIPPED: Variant("idadapter", skip_highest_resolution),
-    "Inv-Adapter, forward-noised references": Variant("inv-adapter"),
-    "Inv-Adapter, noised, self-attention only": Variant("inv-adapter", self_attention_only),
-    "Inv-Adapter, noised, cross-attention only": Variant("inv-adapter", cross_attention_only),
-    "Inv-Adapter, DDIM-inverted references": Variant("inv-adapter", config=(("reference_features", "inversion"),)),
+    "Inv-Adapter, DDIM-inverted references": Variant("inv-adapter"),
+    "Inv-Adapter, forward-noised references": Variant("inv-adapter", config=NOISED),
+    "Inv-Adapter, noised, self-attention only": Variant("inv-adapter", self_attention_only, config=NOISED),
+    "Inv-Adapter, noised, cross-attention only": Variant("inv-adapter", cross_attention_only, config=NOISED),
 }
 METHODS = ("idadapter", "inv-adapter")
 

@@ -88,7 +88,7 @@ def test_identity_check_runs_and_the_ablations_switch_off_their_path(tmp_path):
     assert set(result.probe) == {"CLIP image embedding", "CLIP patch tokens (mean)", "ArcFace embedding"}
     summary = learning.summarize(MINIMAL, [result, result])
     assert summary["check"] in ("PASS", "FAIL")
-    assert summary["checked"] == [learning.FULL_IDADAPTER, "Inv-Adapter, forward-noised references"]
+    assert summary["checked"] == [learning.FULL_IDADAPTER, "Inv-Adapter, DDIM-inverted references"]
     assert summary["variants"]["adapter only"]["gap"]["std"] == 0.0
     assert set(summary["skip_gap_ratio"]) == {learning.SKIPPED, learning.SKIPPED_AT_INFERENCE}
     learning.print_table(summary)

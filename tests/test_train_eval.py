@@ -193,7 +193,7 @@ def trained_inv_adapter(trained) -> Path:
 
 
 def inv_eval_command(trained, weights: Path, out: Path, *extra: str) -> list[str]:
-    command = eval_command(trained, out, "--face-model", FACE_PACK, *extra)
+    command = eval_command(trained, out, "--face-model", FACE_PACK, "--inversion-steps", "2", *extra)
     command[1] = str(weights)
     at = command.index("--clip-vision")
     return command[:at] + command[at + 2:]
@@ -210,7 +210,7 @@ def test_eval_scores_inv_adapter_weights(trained, trained_inv_adapter, tmp_path)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["method"] == "Inv-Adapter" and summary["identities"]["alice"]["references_used"] == 1
     assert summary["settings"]["identity_in_negative"] == "none (guided)"
-    assert summary["settings"]["reference_features"] == "noised" and "class_word" not in summary["settings"]
+    assert summary["settings"]["reference_features"] == "inversion" and "class_word" not in summary["settings"]
     assert "| alice | a portrait photo | 0 | no face |" in (out / "similarity.md").read_text(encoding="utf-8")
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape == (RESOLUTION, (1 + len(PROMPTS)) * RESOLUTION, 3)
@@ -220,7 +220,7 @@ def test_eval_scores_inv_adapter_weights(trained, trained_inv_adapter, tmp_path)
     images = [np.asarray(Image.open(out / r["image"])) for r in rows]
     outputs = {}
     for name, extra in {"base": ("--weight", "0"), "same": ("--identity-in-negative", "same as positive"),
-                        "inversion": ("--reference-features", "inversion", "--inversion-steps", "2")}.items():
+                        "noised": ("--reference-features", "noised")}.items():
         assert main(inv_eval_command(trained, trained_inv_adapter, tmp_path / name, *extra)) == 0
         outputs[name] = np.asarray(Image.open(tmp_path / name / read_table(tmp_path / name)[0]["image"]))
     assert all(not np.array_equal(image, images[0]) for image in outputs.values())

@@ -136,8 +136,9 @@ def test_inv_adapter_guidance_over_the_identity(base):
     try:
         with UNetCalls(base.unet, skip=lambda: binding.recording is not None) as guided:
             images = generate_inv_adapter_images(base, binding.adapter, binding, latent, PROMPTS, SEEDS,
-                                                 settings(GUIDED))
-        same = generate_inv_adapter_images(base, binding.adapter, binding, latent, PROMPTS, SEEDS, settings(SAME))
+                                                 settings(GUIDED), reference_features="noised")
+        same = generate_inv_adapter_images(base, binding.adapter, binding, latent, PROMPTS, SEEDS, settings(SAME),
+                                           reference_features="noised")
         assert images.shape == (count, RESOLUTION, RESOLUTION, 3) and not np.array_equal(images, same)
         assert len(guided.calls) == 2
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("no_downloads", "one_thread")
 
 def inv_settings(ws, out: str, **overrides) -> dict:
     values = settings(ws, out, method="inv-adapter", clip_vision="", face_id_weight=0.0, identity_dropout=0.0,
-                      max_steps=3, checkpoint_every=3)
+                      max_steps=3, checkpoint_every=3, inversion_steps=2)
     values.update(overrides)
     return values
 
@@ -48,6 +48,30 @@ def test_fit_trains_only_the_eaa_and_exports_an_inv_adapter_file(workspace, refe
     out = export_checkpoint(checkpoint, tmp_path / "inv.safetensors", dtype="fp32")
     loaded = load_inv_adapter(out, require_known_base=False)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
+    kept = list((workspace["root"] / f"inv-{reference_features}" / "inversions").glob("*/*.safetensors"))
+    assert bool(kept) == (reference_features == "inversion")  # a file per reference row drawn
+
+
+def test_inversions_are_made_once_kept_on_disk_and_reused_by_a_resumed_run(tmp_path):
+    from train.inv_adapter_step import TrajectoryStore
+
+    sigmas, trajectory = torch.tensor([0.1, 1.0, 10.0]), torch.randn(3, 1, 4, 8, 8)
+    inverted = []
+
+    def invert():
+        inverted.append(1)
+        return sigmas, trajectory
+
+    alpha = 1 / (1 + 1.0**2)  # the timestep whose noise level is σ = 1: the middle point
+    first = TrajectoryStore(tmp_path / "run").point(7, alpha, invert)
+    again = TrajectoryStore(tmp_path / "run").point(7, alpha, invert)  # another process, e.g. after --resume
+    assert len(inverted) == 1 and [p.name for p in (tmp_path / "run").iterdir()] == ["7.safetensors"]
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, trajectory[1] * alpha**0.5, rtol=1e-3, atol=1e-3)  # stored in float16
+    in_memory = TrajectoryStore()
+    assert torch.equal(in_memory.point(7, alpha, invert), trajectory[1] * alpha**0.5) and len(inverted) == 2
+    in_memory.point(7, 0.999, invert)
+    assert len(inverted) == 2
 
 
 def test_eaa_starts_as_a_copy_of_each_blocks_self_attention_and_leaves_the_unet_unchanged(workspace):  # noqa: F811
@@ -72,7 +96,8 @@ def test_eaa_starts_as_a_copy_of_each_blocks_self_attention_and_leaves_the_unet_
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_fit_logs_inv_adapter_sample_grids(workspace, kind):  # noqa: F811
     """sample_every for Inv-Adapter: the identity's first image | one generation per prompt, from the EAA as trained
-    (forward-noised reference), with guidance over the identity; each grid differs from the step before."""
+    (its DDIM inversion, as fit trains by default), with guidance over the identity; each grid differs from the step
+    before."""
     from PIL import Image
 
     out = workspace["root"] / f"inv-samples-{kind}"

@@ -77,10 +77,12 @@ class FitConfig:
         "person", "class word recorded in the weights (each image's own class word comes from the cache)")
     # --- Inv-Adapter (docs/DESIGN.md §3; our inferences, [I])
     reference_features: str = _option(
-        "noised", "inv-adapter: the reference latent at the step's timestep is forward-noised (fast) or taken from "
-                  "its DDIM inversion (as at inference; each reference inverted once per run, its trajectory kept in "
-                  "memory; in the identity miniature it carries more identity: README)", REFERENCE_FEATURES)
-    inversion_steps: int = _option(50, "inv-adapter with reference_features inversion: DDIM inversion steps")
+        "inversion", "inv-adapter: the reference latent at the step's timestep is taken from its DDIM inversion (as "
+                     "Apply Inv-Adapter takes it; each reference inverted once per run, `inversion_steps` UNet calls, "
+                     "kept on disk under output_dir/inversions; in the identity miniature it carries the most "
+                     "identity: README) or forward-noised (no inversion to run)", REFERENCE_FEATURES)
+    inversion_steps: int = _option(50, "inv-adapter with reference_features inversion: DDIM inversion steps (Load "
+                                       "Inv-Adapter Reference's default)")
     # --- optimisation (DESIGN.md §2.6)
     seed: int = _option(0, "seed of the adapter's initialisation, the data order, the noise and the dropout")
     max_steps: int = _option(50_000, "optimizer steps to train for")

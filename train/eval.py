@@ -346,7 +346,7 @@ class _Conditioning:
 class InvAdapterSettings:
     """How Inv-Adapter takes its reference at each step (`generate_inv_adapter_images`)."""
 
-    reference_features: str = "noised"
+    reference_features: str = "inversion"
     inversion_steps: int = 50
     reference_timestep: int = DEFAULT_REFERENCE_TIMESTEP
 
@@ -567,9 +567,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--grid-identities", type=int, default=16,
                           help="identities shown in grid.png, the first ones (default 16)")
     inv = parser.add_argument_group("Inv-Adapter's reference at each step (Inv-Adapter weights)")
-    inv.add_argument("--reference-features", default="noised", choices=list(SAMPLING_REFERENCE_FEATURES),
-                     help="the reference forward-noised to each step's timestep, its DDIM inversion's point nearest to "
-                          "it, or forward-noised to one fixed timestep (default noised, as fit trains by default)")
+    inv.add_argument("--reference-features", default="inversion", choices=list(SAMPLING_REFERENCE_FEATURES),
+                     help="the point of the reference's DDIM inversion nearest to each step's noise level, the "
+                          "reference forward-noised to each step's timestep, or forward-noised to one fixed timestep "
+                          "(default inversion: as Apply Inv-Adapter does it and fit trains by default)")
     inv.add_argument("--inversion-steps", type=int, default=50, help="DDIM inversion steps (default 50)")
     inv.add_argument("--reference-timestep", type=int, default=DEFAULT_REFERENCE_TIMESTEP,
                      help=f"the timestep of --reference-features fixed (default {DEFAULT_REFERENCE_TIMESTEP})")

@@ -378,7 +378,17 @@ def build_inv_adapter_step(config: FitConfig, device: torch.device, weight_dtype
     base.vae.to(device)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-    return InvAdapterTrainingStep(adapter, base, config.reference_features, config.inversion_steps)
+    return InvAdapterTrainingStep(adapter, base, config.reference_features, config.inversion_steps,
+                                  trajectory_folder(config))
+
+
+def trajectory_folder(config: FitConfig) -> Path:
+    """Where a run keeps its references' DDIM inversions (`reference_features = inversion`): under its output folder,
+    named after what they depend on (base model, cache, inversion steps, resolution), so a resumed run reuses them and
+    a run on another base or cache makes its own."""
+    inputs = [config.pretrained, config.single_file, str(Path(config.cache).resolve()), config.inversion_steps,
+              config.resolution]
+    return Path(config.output_dir) / "inversions" / hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:12]
 
 
 def _resume(config: FitConfig, accelerator, adapter: nn.Module, optimizer, lr_scheduler) -> int:

@@ -7,9 +7,9 @@ methods: the base model's own pipeline (DDIM with classifier-free guidance) with
 - Inv-Adapter (`generate_inv_adapter_images`): before every UNet call of the pipeline, a reference pass of the plain
   UNet on the reference latent at that step (on the null prompt, as trained) records every block's self-attention
   input, and the EAA (`DiffusersInvAdapter`) adds it. The reference at a step is, as `reference_features` says:
-  "noised" (the reference forward-noised to the step's timestep with one fixed noise, as fit's default trains it),
-  "inversion" (the point of its DDIM inversion nearest to the step's noise level, as fit's `inversion` trains it)
-  or "fixed" (forward-noised to one low `reference_timestep` for every step: the option of DESIGN.md §3.2).
+  "inversion" (the point of its DDIM inversion nearest to the step's noise level: as fit trains it by default and
+  Apply Inv-Adapter takes it), "noised" (the reference forward-noised to the step's timestep with one fixed noise, as
+  fit's `noised` trains it) or "fixed" (forward-noised to one low `reference_timestep` for every step: the option of DESIGN.md §3.2).
   `blocks` (a mode of `schedule.BLOCK_MODES`) chooses the transformer blocks the EAA acts in, as Apply Inv-Adapter's
   `blocks` input does ("skip highest resolution": its faster mode).
 
@@ -192,7 +192,7 @@ def _reference_inputs(base: BaseModel, reference: torch.Tensor, mode: str,
 @torch.no_grad()
 def generate_inv_adapter_images(
     base: BaseModel, adapter: InvAdapter, binding: DiffusersInvAdapter, reference_latent: torch.Tensor,
-    prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings, reference_features: str = "noised",
+    prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings, reference_features: str = "inversion",
     inversion_steps: int = 50, reference_timestep: int = DEFAULT_REFERENCE_TIMESTEP, reference_seed: int = 0,
     blocks: str = BLOCK_MODES[0],
 ) -> np.ndarray:

@@ -4,19 +4,28 @@ Per sample: a target image of an identity and one other image of it as the refer
 identity has a single image). The reference's features come from a reference pass of the frozen UNet at the target's
 timestep, on the null prompt, and enter the generation pass through the EAA. Where the reference latent at that
 timestep comes from is a choice (`reference_features`, our inference, DESIGN.md §3.2 [I]):
-- "noised" (default): the reference latent forward-noised to the timestep, z_t = sqrt(ᾱ_t)·z_0 + sqrt(1 − ᾱ_t)·ε —
-  the cheap stand-in for an inversion trajectory (both are latents at the same noise level);
-- "inversion": the point of its DDIM inversion (null prompt, `inversion_steps` steps) nearest to the timestep, as at
-  inference; each reference is inverted once per run and kept.
+- "inversion" (default): the point of its DDIM inversion (null prompt, `inversion_steps` steps) nearest to the
+  timestep, as Apply Inv-Adapter takes it at inference. Each reference is inverted once per run, the first time it
+  is drawn, and kept (`TrajectoryStore`: on disk under the run's output folder, so memory does not grow with the
+  references and a resumed run inverts nothing again) — the "precompute inversion trajectories" of DESIGN.md §3.2.
+  In the identity miniature it carried the most identity of the three choices, on every seed (README);
+- "noised": the reference latent forward-noised to the timestep, z_t = sqrt(ᾱ_t)·z_0 + sqrt(1 − ᾱ_t)·ε — the cheap
+  stand-in for an inversion trajectory (both are latents at the same noise level; no inversion to run).
 Inv-Adapter needs no identity dropout: its "without identity" input is the frozen model with the EAA off, which is
 exact by construction (guidance over the identity runs the negative CFG half so), so there is nothing to learn for it. A face-ID loss is not part of this method (the paper's losses are unknown; ours: diffusion only).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from idadapter_core.weights import atomic_write
 
 from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser
 from idadapter_core.inv_adapter import InvAdapter, ddim_invert, inversion_sigmas
@@ -52,8 +61,8 @@ class _Frozen:
 class InvAdapterTrainingStep(nn.Module):
     """forward(batch) -> the step's losses; the only registered submodule is the EAA (`adapter`)."""
 
-    def __init__(self, adapter: InvAdapter, base: BaseModel, reference_features: str = "noised",
-                 inversion_steps: int = 50) -> None:
+    def __init__(self, adapter: InvAdapter, base: BaseModel, reference_features: str = "inversion",
+                 inversion_steps: int = 50, trajectory_folder: Path | None = None) -> None:
         super().__init__()
         if reference_features not in REFERENCE_FEATURES:
             raise ValueError(f"reference_features must be one of {REFERENCE_FEATURES}, got '{reference_features}'")
@@ -61,7 +70,7 @@ class InvAdapterTrainingStep(nn.Module):
         self.frozen = _Frozen(base, DiffusersInvAdapter(base.unet, adapter))
         self.reference_features = reference_features
         self.inversion_steps = inversion_steps
-        self._trajectories: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.trajectories = TrajectoryStore(trajectory_folder)
 
     def forward(self, batch: InvAdapterBatch) -> dict[str, torch.Tensor]:
         base = self.frozen.base
@@ -69,8 +78,8 @@ class InvAdapterTrainingStep(nn.Module):
         null_context, null_pooled = base.text.encode(batch.null_token_ids)
         context, pooled = base.text.encode(batch.token_ids)
         with torch.no_grad():
-            reference = self._reference_inputs(batch, null_context)
             reference_added = {"text_embeds": null_pooled, "time_ids": batch.time_ids} if base.is_sdxl else None
+            reference = self._reference_inputs(batch, null_context, reference_added)
             features = self.frozen.binding.record_reference(
                 reference.to(unet_dtype), batch.timesteps, null_context.to(unet_dtype), added_cond_kwargs=reference_added
             )
@@ -82,26 +91,57 @@ class InvAdapterTrainingStep(nn.Module):
         """Free the step's projected reference features once its backward has run."""
         self.frozen.binding.set_reference(None)
 
-    def _reference_inputs(self, batch: InvAdapterBatch, null_context: torch.Tensor) -> torch.Tensor:
-        """The references' UNet inputs at each sample's timestep."""
+    def _reference_inputs(self, batch: InvAdapterBatch, null_context: torch.Tensor,
+                          added: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The references' UNet inputs at each sample's timestep (`added`: SDXL's pooled text and size conditioning
+        of the reference pass, per sample)."""
         scheduler = self.frozen.base.noise_scheduler
         if self.reference_features == "noised":
             return scheduler.add_noise(batch.reference_latents, batch.reference_noise, batch.timesteps)
         alphas = scheduler.alphas_cumprod.to(batch.latents.device)
         inputs = []
         for i, (row, timestep) in enumerate(zip(batch.reference_rows, batch.timesteps.tolist())):
-            sigmas, trajectory = self._trajectory(row, batch.reference_latents[i : i + 1], null_context[i : i + 1])
-            inputs.append(trajectory_input(sigmas, trajectory, float(alphas[timestep])))
+            row_added = None if added is None else {name: value[i : i + 1] for name, value in added.items()}
+            invert = lambda i=i, row_added=row_added: self._invert(  # noqa: E731
+                batch.reference_latents[i : i + 1], null_context[i : i + 1], row_added)
+            inputs.append(self.trajectories.point(row, float(alphas[timestep]), invert).to(batch.latents))
         return torch.cat(inputs)
 
-    def _trajectory(self, row: int, latent: torch.Tensor, null_context: torch.Tensor):
-        if row not in self._trajectories:
-            self.frozen.binding.weight, weight = 0.0, self.frozen.binding.weight  # the plain UNet inverts
-            try:
-                self._trajectories[row] = invert_latent(self.frozen.base, latent, null_context, self.inversion_steps)
-            finally:
-                self.frozen.binding.weight = weight
-        return self._trajectories[row]
+    def _invert(self, latent: torch.Tensor, null_context: torch.Tensor,
+                added: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        self.frozen.binding.weight, weight = 0.0, self.frozen.binding.weight  # the plain UNet inverts
+        try:
+            return invert_latent(self.frozen.base, latent, null_context, self.inversion_steps,
+                                 **({} if added is None else {"added_cond_kwargs": added}))
+        finally:
+            self.frozen.binding.weight = weight
+
+
+class TrajectoryStore:
+    """Each reference's DDIM inversion trajectory, made the first time it is asked for and kept: in memory, or, with
+    a `folder`, one safetensors file per cache row there (σ of each point in float32, the trajectory in float16:
+    1.7 MB a reference at 512² with 50 steps), written atomically and read one point at a time. The folder belongs to
+    one base model, cache and step count (`train.fit` names it after them)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def point(self, row: int, alpha: float, invert: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The UNet input at the timestep whose ᾱ is `alpha` (`trajectory_input`) of reference `row`, whose
+        (σ, trajectory) `invert()` makes when it is not kept yet."""
+        if self.folder is None:
+            if row not in self._memory:
+                self._memory[row] = invert()
+            return trajectory_input(*self._memory[row], alpha)
+        path = self.folder / f"{row}.safetensors"
+        if not path.is_file():
+            sigmas, trajectory = invert()
+            tensors = {"sigmas": sigmas.float().cpu(), "trajectory": trajectory.half().cpu().contiguous()}
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"content": "Inv-Adapter reference DDIM inversion"}))
+        with safe_open(str(path), framework="pt") as stored:
+            index = nearest_point(stored.get_tensor("sigmas"), alpha)
+            return stored.get_slice("trajectory")[index].float() * alpha**0.5
 
 
 def invert_latent(base: BaseModel, latent: torch.Tensor, null_context: torch.Tensor, steps: int,
@@ -115,11 +155,15 @@ def invert_latent(base: BaseModel, latent: torch.Tensor, null_context: torch.Ten
     return sigmas, ddim_invert(lambda x, s: denoise(x.to(unet.dtype), s).float(), latent.float(), sigmas)
 
 
+def nearest_point(sigmas: torch.Tensor, alpha: float) -> int:
+    """The index of the inversion point nearest (in log σ) to a timestep whose ᾱ is `alpha`."""
+    return int((sigmas.log() - torch.tensor(((1 - alpha) / alpha) ** 0.5).log()).abs().argmin())
+
+
 def trajectory_input(sigmas: torch.Tensor, trajectory: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The inversion point nearest (in log σ) to a timestep whose ᾱ is `alpha`, as the UNet's input there:
+    """The inversion point nearest to a timestep whose ᾱ is `alpha`, as the UNet's input there:
     x_σ -> z_t = x_σ·sqrt(ᾱ_t)."""
-    index = int((sigmas.log() - torch.tensor(((1 - alpha) / alpha) ** 0.5).log()).abs().argmin())
-    return trajectory[index] * alpha**0.5
+    return trajectory[nearest_point(sigmas, alpha)] * alpha**0.5
 
 
 def eaa_gate_values(adapter: InvAdapter) -> dict[str, float]:
