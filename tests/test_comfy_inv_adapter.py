@@ -103,12 +103,15 @@ def test_reference_pass_runs_once_per_step_for_both_cfg_halves_and_is_cached(hos
     assert unet_calls == [6] * 3  # second generation: the cached reference features skip the reference pass
 
 
-def test_parity_with_the_diffusers_binding(host):
-    """Same weights, same reference features: ComfyUI's attention replaces equal the diffusers processors."""
+@pytest.mark.parametrize("blocks", ["all", "skip highest resolution"])
+def test_parity_with_the_diffusers_binding(host, blocks):
+    """Same weights, same reference features: ComfyUI's attention replaces equal the diffusers processors, in every
+    block and in the faster mode's blocks (what the identity miniature measures that mode with)."""
     import comfy.model_management
 
-    from idadapter_core.hosts import DiffusersInvAdapter
+    from idadapter_core.hosts import DiffusersInvAdapter, layout_from_diffusers_unet
     from idadapter_core.inv_adapter import load_inv_adapter
+    from idadapter_core.schedule import adapter_blocks
 
     model = host["model"]
     comfy.model_management.load_models_gpu([model])
@@ -116,7 +119,7 @@ def test_parity_with_the_diffusers_binding(host):
     twin = diffusers_twin(comfy_unet, model.model.model_config.unet_config, block_out_channels=(320, 640),
                           cross_attention_dim=768, attention_head_dim=8)
     adapter = load(host, "trained.safetensors")
-    patched = apply(host, adapter)
+    patched = apply(host, adapter, blocks=blocks)
     patch = patched.model_options["transformer_options"]["patches_replace"]["attn1"][("input", 1, 0)].patch.patch
     g = torch.Generator().manual_seed(5)
     x, ref, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g)
@@ -131,6 +134,7 @@ def test_parity_with_the_diffusers_binding(host):
     path = host["root"] / "inv_adapter" / "trained.safetensors"
     with torch.no_grad(), DiffusersInvAdapter(twin, load_inv_adapter(path, require_known_base=False)) as binding:
         binding.set_reference(binding.record_reference(ref, t[:1], context[:1]))
+        binding.blocks = adapter_blocks(layout_from_diffusers_unet(twin), blocks)
         theirs = twin(x, t, encoder_hidden_states=context).sample
     assert (ours - bare).abs().max() > 1e-3
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
