@@ -9,7 +9,8 @@ methods: the base model's own pipeline (DDIM with classifier-free guidance) with
   input, and the EAA (`DiffusersInvAdapter`) adds it. The reference at a step is, as `reference_features` says:
   "inversion" (the point of its DDIM inversion nearest to the step's noise level: as fit trains it by default and
   Apply Inv-Adapter takes it), "noised" (the reference forward-noised to the step's timestep with one fixed noise, as
-  fit's `noised` trains it) or "fixed" (forward-noised to one low `reference_timestep` for every step: the option of DESIGN.md §3.2).
+  fit's `noised` trains it) or "fixed" (forward-noised to one low `reference_timestep` for every step: the option
+  of DESIGN.md §3.2).
   `blocks` (a mode of `schedule.BLOCK_MODES`) chooses the transformer blocks the EAA acts in, as Apply Inv-Adapter's
   `blocks` input does ("skip highest resolution": its faster mode).
 

@@ -25,10 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from idadapter_core.weights import atomic_write
-
 from idadapter_core.hosts import DiffusersInvAdapter, diffusers_denoiser
 from idadapter_core.inv_adapter import InvAdapter, ddim_invert, inversion_sigmas
+from idadapter_core.weights import atomic_write
 
 from .config import REFERENCE_FEATURES
 from .models import BaseModel
@@ -66,11 +65,14 @@ class InvAdapterTrainingStep(nn.Module):
         super().__init__()
         if reference_features not in REFERENCE_FEATURES:
             raise ValueError(f"reference_features must be one of {REFERENCE_FEATURES}, got '{reference_features}'")
+        if reference_features == "inversion" and trajectory_folder is None:
+            raise ValueError("reference_features 'inversion' keeps each reference's inversion on disk: pass a "
+                             "trajectory_folder")
         self.adapter = adapter
         self.frozen = _Frozen(base, DiffusersInvAdapter(base.unet, adapter))
         self.reference_features = reference_features
         self.inversion_steps = inversion_steps
-        self.trajectories = TrajectoryStore(trajectory_folder)
+        self.trajectories = None if trajectory_folder is None else TrajectoryStore(trajectory_folder)
 
     def forward(self, batch: InvAdapterBatch) -> dict[str, torch.Tensor]:
         base = self.frozen.base
@@ -118,22 +120,17 @@ class InvAdapterTrainingStep(nn.Module):
 
 
 class TrajectoryStore:
-    """Each reference's DDIM inversion trajectory, made the first time it is asked for and kept: in memory, or, with
-    a `folder`, one safetensors file per cache row there (σ of each point in float32, the trajectory in float16:
-    1.7 MB a reference at 512² with 50 steps), written atomically and read one point at a time. The folder belongs to
-    one base model, cache and step count (`train.fit` names it after them)."""
+    """Each reference's DDIM inversion trajectory, made the first time it is asked for and kept in `folder`: one
+    safetensors file per cache row (σ of each point in float32, the trajectory in float16: 1.7 MB a reference at 512²
+    with 50 steps), written atomically and read one point at a time, so memory does not grow with the references. The
+    folder belongs to one base model, cache and step count (`train.fit.trajectory_folder` names it after them)."""
 
-    def __init__(self, folder: Path | None = None) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def point(self, row: int, alpha: float, invert: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The UNet input at the timestep whose ᾱ is `alpha` (`trajectory_input`) of reference `row`, whose
         (σ, trajectory) `invert()` makes when it is not kept yet."""
-        if self.folder is None:
-            if row not in self._memory:
-                self._memory[row] = invert()
-            return trajectory_input(*self._memory[row], alpha)
         path = self.folder / f"{row}.safetensors"
         if not path.is_file():
             sigmas, trajectory = invert()
