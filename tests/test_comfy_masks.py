@@ -207,15 +207,18 @@ def test_two_chained_apply_idadapter_each_act_in_their_own_region(host):
 
 def test_two_chained_apply_inv_adapter_with_complementary_masks_are_one_unmasked_apply(host):
     """Two Apply Inv-Adapter on one MODEL, left and right half, each with the same reference: every token gets the
-    EAA exactly once, so the result is bit for bit one unmasked Apply's (both reference passes and both EAA chains
-    ran; a mask leaking, or one Apply shadowing the other, would break the equality)."""
+    EAA exactly once, so the result is one unmasked Apply's (both reference passes and both EAA chains ran; a mask
+    leaking, or one Apply shadowing the other, would add or miss the EAA's whole effect somewhere). Equal up to float
+    rounding, not bit for bit: the unmasked Apply takes its rows' own self-attention from the EAA's kernel, the
+    masked ones (and a chained one) from ComfyUI's, the same attention computed in another order."""
     left = left_half(64, 96)
     both = apply(host, "inv_adapter", 1.0 - left, model=apply(host, "inv_adapter", left))
     wrappers = both.wrappers[next(iter(both.wrappers))]
     assert len(next(iter(wrappers.values()))) == 2
     chained, single = sample(both, host["clip"]), sample(apply(host, "inv_adapter"), host["clip"])
-    assert torch.equal(chained, single)
-    assert not torch.equal(single, sample(host["model"], host["clip"]))
+    effect = (single - sample(host["model"], host["clip"])).abs().max()
+    assert effect > 1.0
+    assert (chained - single).abs().max() < 1e-3 * effect
 
 
 NEGATIVE_IDENTITY = dict(guided="none (guided)", same="same as positive")
