@@ -17,6 +17,7 @@ exact by construction (guidance over the identity runs the negative CFG half so)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -104,8 +105,7 @@ class InvAdapterTrainingStep(nn.Module):
         inputs = []
         for i, (row, timestep) in enumerate(zip(batch.reference_rows, batch.timesteps.tolist())):
             row_added = None if added is None else {name: value[i : i + 1] for name, value in added.items()}
-            invert = lambda i=i, row_added=row_added: self._invert(  # noqa: E731
-                batch.reference_latents[i : i + 1], null_context[i : i + 1], row_added)
+            invert = partial(self._invert, batch.reference_latents[i : i + 1], null_context[i : i + 1], row_added)
             inputs.append(self.trajectories.point(row, float(alphas[timestep]), invert).to(batch.latents))
         return torch.cat(inputs)
 
