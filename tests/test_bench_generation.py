@@ -8,11 +8,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from bench import identity_generation as generation
 from idadapter_core.face import load_face_analyzer
 from idadapter_core.face.similarity import face_embeddings
 from train import miniature as world
+from train.pretrain import train_unet
 from train.tiny_face_models import write_model_pack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,6 +48,23 @@ def test_read_out_sees_a_changed_attribute_and_a_malformed_image():
     brighter = world.render_photo(person, world.PhotoVariation((60.0, 64.0, 58.0), 1.08, (world.SHIFT, 0)))
     reading = world.read_image(brighter)
     assert reading.values == person and reading.well_formed and reading.background < 70
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_the_base_trains_its_text_encoder_with_the_unet_when_asked(train_text_encoder):
+    """A random frozen text encoder separated the eye words too little on one seed (BaseSettings.train_text_encoder):
+    the miniature's base trains it with the UNet, and the UNet alone trains otherwise."""
+    parts = world.build_base_parts(seed=0)
+    before = {name: p.clone() for name, p in parts.text_encoder.named_parameters()}
+    people = world.all_identities()[:4]
+    rng = np.random.default_rng(0)
+    pixels = world.photo_tensor([world.render_photo(p, world.PhotoVariation.draw(rng)) for p in people])
+    losses = train_unet(parts, pixels, [world.attribute_caption(p) for p in people], steps=2, batch_size=2, lr=1e-3,
+                        seed=0, ema_decay=0.9, train_text_encoder=train_text_encoder)
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    moved = [name for name, p in parts.text_encoder.named_parameters() if not torch.equal(p, before[name])]
+    assert bool(moved) == train_text_encoder
+    assert not parts.text_encoder.training and not parts.unet.training
 
 
 def test_colour_detector_finds_every_person_and_the_red_one_none(tmp_path):

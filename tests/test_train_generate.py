@@ -114,6 +114,25 @@ def test_without_guidance_both_modes_are_the_same(base):
         SamplingSettings(RESOLUTION, identity_in_negative="guided")
 
 
+def test_ddim_eta_adds_seeded_noise_per_step(base):
+    """η = 1 draws fresh noise at each DDIM step from the image's own seed: other images than η = 0, the same ones
+    again for the same seeds."""
+    binding = opened_idadapter(base)
+    patches, faces, image_embeds = tiny_features(binding.adapter.config)
+    references = {"clip_patches": patches, "face_embeds": faces, "clip_image_embeds": image_embeds}
+
+    def generate(eta: float) -> np.ndarray:
+        sampling = SamplingSettings(RESOLUTION, steps=3, guidance=1.0, eta=eta)
+        return generate_identity_images(base, binding.adapter, binding, references, PROMPTS, "person", SEEDS, sampling)
+
+    try:
+        deterministic, stochastic, again = generate(0.0), generate(1.0), generate(1.0)
+    finally:
+        binding.detach()
+    assert np.array_equal(stochastic, again)
+    assert np.abs(stochastic.astype(int) - deterministic).mean() > 1
+
+
 def opened_inv_adapter(base) -> DiffusersInvAdapter:
     torch.manual_seed(0)
     adapter = InvAdapter(InvAdapterConfig(base.layout)).eval()

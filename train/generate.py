@@ -62,6 +62,8 @@ class SamplingSettings:
     identity_in_negative: str = NEGATIVE_IDENTITY_MODES[0]
     """What the negative half of classifier-free guidance gets, one of `NEGATIVE_IDENTITY_MODES`: the null identity
     ("none (guided)") or the identity as the positive half ("same as positive")."""
+    eta: float = 0.0
+    """DDIM's η: 0 deterministic (DDIM), 1 as much fresh noise per step as ancestral DDPM sampling."""
 
     def __post_init__(self) -> None:
         identity_in_negative(self.identity_in_negative)  # refuses an unknown mode, naming the known ones
@@ -111,7 +113,7 @@ def _run_pipeline(base: BaseModel, settings: SamplingSettings, seeds: Sequence[i
     images = identity_pipeline(base)(
         prompt_embeds=context, negative_prompt_embeds=negative_context, height=settings.resolution,
         width=settings.resolution, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-        generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds], output_type="np", **extra,
+        eta=settings.eta, generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds], output_type="np", **extra,
     ).images
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 

@@ -250,8 +250,12 @@ class BaseSettings:
     unet_steps: int = 2400
     batch_size: int = 32
     lr: float = 2e-3
+    train_text_encoder: bool = True
+    """The text encoder trains with the UNet. A random frozen one separates captions by seed: seed 0's moved its
+    output 1.98 for another eye word against 5.29 and 2.98 for seeds 1 and 2 (L2 over the tokens, output norm 22.6),
+    and its base never learned eye colours (told them, it drew them at 0.38; seeds 1 and 2 at 0.99 and 1.00)."""
     ema_decay: float = 0.999
-    """The UNet's weights are the exponential moving average of its training weights (diffusers' EMAModel, with its
+    """The trained weights are the exponential moving average of its training weights (diffusers' EMAModel, with its
     warm-up): at 1200 steps, EMA raised the told-attributes accuracy from 0.56 to 0.60 and well-formed images from
     39 % to 45 % (seed 0, 64 images)."""
 
@@ -310,7 +314,8 @@ def tiny_base(settings: BaseSettings, seed: int, workdir: Path) -> Path:
                                          settings.autoencoder_lr, seed)
     log.info("base model: autoencoder trained, reconstruction MSE %.5f (pixels in [-1, 1])", autoencoder_loss)
     unet_loss = float(np.mean(train_unet(parts, pixels, captions, settings.unet_steps, settings.batch_size,
-                                         settings.lr, seed, ema_decay=settings.ema_decay)[-50:]))
+                                         settings.lr, seed, ema_decay=settings.ema_decay,
+                                         train_text_encoder=settings.train_text_encoder)[-50:]))
     log.info("base model: UNet trained, ε-MSE of the last 50 steps %.4f", unet_loss)
     save_base_model(parts, folder)
     record = dict(seconds=time.perf_counter() - started, autoencoder_mse=autoencoder_loss, unet_mse=unet_loss,

@@ -34,11 +34,13 @@ def train_autoencoder(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, ba
 
 
 def train_unet(parts: BaseComponents, pixels: torch.Tensor, captions: list[str], steps: int, batch_size: int,
-               lr: float, seed: int, cosine_decay: bool = True, ema_decay: float | None = None) -> list[float]:
+               lr: float, seed: int, cosine_decay: bool = True, ema_decay: float | None = None,
+               train_text_encoder: bool = False) -> list[float]:
     """Calibrate the VAE's scaling factor (1 / std of the latents, as SD's 0.18215 was chosen), then train the whole
     UNet on `pixels` (B, 3, H, W) in [-1, 1] with their `captions` (ε-MSE, Adam, with or without cosine decay of the
-    learning rate); with `ema_decay`, the UNet keeps the exponential moving average of its training weights
-    (diffusers' EMAModel, with its warm-up). Returns the loss of every step."""
+    learning rate); with `train_text_encoder`, the text encoder trains with it (as latent diffusion trained its text
+    transformer from scratch); with `ema_decay`, what trains keeps the exponential moving average of its training
+    weights (diffusers' EMAModel, with its warm-up). Returns the loss of every step."""
     from diffusers.training_utils import EMAModel
 
     with torch.no_grad():
@@ -46,32 +48,42 @@ def train_unet(parts: BaseComponents, pixels: torch.Tensor, captions: list[str],
         scale = float(1.0 / latents.std())
         parts.vae.register_to_config(scaling_factor=scale)
         latents = latents * scale
-        unique = sorted(set(captions))
-        tokens = parts.tokenizer(unique, padding="max_length", max_length=parts.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-        encoded = parts.text_encoder(tokens).last_hidden_state
-    context = encoded[torch.tensor([unique.index(c) for c in captions])]
+    unique = sorted(set(captions))
+    tokens = parts.tokenizer(unique, padding="max_length", max_length=parts.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+    caption_index = torch.tensor([unique.index(c) for c in captions])
+    trained = [*parts.unet.parameters(), *(parts.text_encoder.parameters() if train_text_encoder else [])]
+    frozen_context = None
+    if not train_text_encoder:
+        with torch.no_grad():
+            frozen_context = parts.text_encoder(tokens).last_hidden_state
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(parts.unet.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(trained, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine_decay else None
-    average = None if ema_decay is None else EMAModel(parts.unet.parameters(), decay=ema_decay)
+    average = None if ema_decay is None else EMAModel(trained, decay=ema_decay)
     parts.unet.train()
+    parts.text_encoder.train(train_text_encoder)
     losses = []
     for _ in tqdm(range(steps), desc="base UNet", leave=False):
         chosen = torch.randint(0, len(latents), (batch_size,), generator=generator)
         noise = torch.randn(latents[chosen].shape, generator=generator)
         timesteps = torch.randint(0, parts.scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = parts.scheduler.add_noise(latents[chosen], noise, timesteps)
-        loss = F.mse_loss(parts.unet(noisy, timesteps, encoder_hidden_states=context[chosen]).sample, noise)
+        if train_text_encoder:
+            context = parts.text_encoder(tokens[caption_index[chosen]]).last_hidden_state
+        else:
+            context = frozen_context[caption_index[chosen]]
+        loss = F.mse_loss(parts.unet(noisy, timesteps, encoder_hidden_states=context).sample, noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if schedule is not None:
             schedule.step()
         if average is not None:
-            average.step(parts.unet.parameters())
+            average.step(trained)
         losses.append(float(loss.detach()))
     if average is not None:
-        average.copy_to(parts.unet.parameters())
+        average.copy_to(trained)
     parts.unet.eval()
+    parts.text_encoder.eval()
     return losses
