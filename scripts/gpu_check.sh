@@ -4,8 +4,8 @@
 #      weights, prepare -> fit a few dozen steps (batch 4, N = 4, λ = 0.1, gradient checkpointing) -> the same run
 #      killed halfway and resumed (exact?) -> export -> eval, IDAdapter and Inv-Adapter; step time, peak GPU memory,
 #      finite losses; then each part's CUDA memory at batch 1 and 2 and the projected table;
-#   2. the ComfyUI step overhead of Apply IDAdapter at 512² with PyTorch's attention kernel (python -m
-#      bench.step_overhead_host; needs COMFYUI_PATH);
+#   2. the ComfyUI step overhead of Apply IDAdapter, Apply Inv-Adapter (first and later generation) and ComfyUI's GLIGEN
+#      at 512² with PyTorch's attention kernel (python -m bench.step_overhead_host; needs COMFYUI_PATH);
 #   3. the identity miniature's smoke run (python -m bench.identity_generation --quick): it runs on the CPU only.
 # Usage: scripts/gpu_check.sh [--dry-run] [OUT_DIR]    (PYTHON=... to pick the interpreter; COMFYUI_PATH=... for 2)
 # --dry-run prints the commands and runs the CPU-sized rehearsal (--quick) instead: what CI can check.
@@ -49,7 +49,7 @@ else
         --json "$out/real_scale.json"
     if [[ -n "${COMFYUI_PATH:-}" ]]; then
         step step_overhead 120 "$python" -m bench.step_overhead_host --attention pytorch \
-            --variants base,fp16,fast,kv-only --latent 64 --rounds 3 --json "$out/step_overhead.json"
+            --variants base,fp16,inv-cold,inv-cached,gligen --latent 64 --rounds 3 --json "$out/step_overhead.json"
     else
         echo "== step_overhead: skipped (set COMFYUI_PATH to a ComfyUI checkout)" | tee -a "$out/commands.txt"
     fi
