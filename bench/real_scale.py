@@ -28,8 +28,8 @@ paths in seconds (the smoke test).
    x batch 4 on an A100 and an H100 at that utilisation. What was measured and what projected is said in each row.
 
 Run: `python -m bench.real_scale [--quick] [--base sd15] [--methods idadapter inv-adapter] [--json PATH]`.
-At full size on a CPU one training step takes minutes (3-5 on 2 shared cores, fp32) and the whole run hours, within
-~11 GiB of RAM: `--skip rehearsal|parts`, `--rehearse`, `--fit-resolution` and `--parts-resolution` cut it down, and
+At full size on a CPU one training step takes minutes (2-5 on 2 shared cores, fp32) and the whole run hours, within
+~13 GiB of RAM (IDAdapter's fit at 512 px peaked at 12.6): `--skip rehearsal|parts`, `--rehearse`, `--fit-resolution` and `--parts-resolution` cut it down, and
 `--workdir` keeps what was measured for a later summary. Prints a table and exits 0 (a report), 1 when a rehearsal
 step failed or a resumed run did not end where the uninterrupted one did.
 """
@@ -261,8 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="resolution of the rehearsal's fit and eval (default: --resolution)")
     parser.add_argument("--parts-resolution", type=int,
                         help="resolution of the parts' batch 1 and 2 measurements (default 256; 32 with --quick)")
-    parser.add_argument("--memory-cap-gib", type=float, default=11.0,
-                        help="kill a command whose RSS passes this (default 11)")
+    parser.add_argument("--memory-cap-gib", type=float, default=16.0,
+                        help="kill a command whose RSS passes this (default 16)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every process (default 2)")
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
                         help="fit's mixed precision (default auto: bf16 where the CPU or GPU has bf16 arithmetic)")
