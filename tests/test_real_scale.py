@@ -1,7 +1,8 @@
 """bench/real_scale.py (with bench/real_scale_run.py, _parts.py, _meta.py): its measuring tools in seconds (default
-run), the rehearsal with the trainer's tiny models (slow), and the host test at full size: full-size SD1.5 IDAdapter
-weights written by the trainer's export, loaded by Load IDAdapter and applied to a full-size SD1.5 checkpoint for one
-sampling step at 512² (slow, COMFYUI_PATH)."""
+run), the rehearsal with the trainer's tiny models (slow), and the host tests at full size: full-size SD1.5 IDAdapter
+and Inv-Adapter weights written by the trainer's checkpoint and export code, loaded by their Load nodes and applied to
+a full-size SD1.5 checkpoint for one sampling step at 512², Inv-Adapter's reference DDIM-inverted by Invert Reference
+(slow, COMFYUI_PATH)."""
 from __future__ import annotations
 
 import importlib
@@ -16,7 +17,7 @@ from conftest import shared_assets_or_skip
 
 from bench import real_scale, real_scale_meta, real_scale_run
 from bench.common import SD15_COMFY_UNET
-from train.real_size_models import FACE_PACK, IRESNET100, open_idadapter, write_face_pack
+from train.real_size_models import FACE_PACK, IRESNET100, open_idadapter, open_inv_adapter, write_face_pack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,6 +133,7 @@ def test_the_quick_rehearsal_runs_every_command_and_resumes_exactly(tmp_path, ca
 
 CHECKPOINT = "full-size-sd15-random.safetensors"
 WEIGHTS = "full-size-idadapter-exported.safetensors"
+INV_WEIGHTS = "full-size-inv-adapter-exported.safetensors"
 
 
 def write_full_sd15_checkpoint(path: Path) -> Path:
@@ -159,27 +161,32 @@ def write_full_sd15_checkpoint(path: Path) -> Path:
     return path
 
 
-def export_full_size_idadapter(root: Path, face_dim: int, face_model: str) -> Path:
-    """A full-size sd15 IDAdapter (ViT-H references, N = 4, gates opened and K/V deltas set so that it acts), saved
-    by the trainer's checkpoint code and written by its `export` (fit itself at full size needs more than this
-    machine's share of memory: bench/real_scale.py measures it)."""
+def export_through_the_trainer(adapter: torch.nn.Module, method: str, out: Path) -> Path:
+    """`adapter` saved by the trainer's checkpoint code (as `fit` saves it) and written to `out` by its `export` (fit
+    itself at full size takes minutes a step here: bench/real_scale.py runs it)."""
     from accelerate import Accelerator
     from diffusers.optimization import get_constant_schedule_with_warmup
 
-    from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig
-    from idadapter_core.presets import PRESETS
     from train.checkpoints import save_checkpoint
     from train.export import export_checkpoint
+
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=3e-5)
+    checkpoint = save_checkpoint(Accelerator(cpu=True), out.parent.parent / f"{method}-run", 1, adapter, optimizer,
+                                 get_constant_schedule_with_warmup(optimizer, 0), {"method": method})
+    return export_checkpoint(checkpoint, out, dtype="fp16")
+
+
+def export_full_size_idadapter(root: Path, face_dim: int, face_model: str) -> Path:
+    """A full-size sd15 IDAdapter (ViT-H references, N = 4, gates opened and K/V deltas set so that it acts)."""
+    from idadapter_core import IDAdapter, IDAdapterConfig, MFFConfig
+    from idadapter_core.presets import PRESETS
 
     torch.manual_seed(0)
     adapter = IDAdapter(IDAdapterConfig(
         layout=PRESETS["sd15"], num_refs=4, clip_embed_dim=1024, clip_vision="clip-vision-h", face_model=face_model,
         mff=MFFConfig(clip_dim=1280, face_dim=face_dim, num_patches=256)))
     open_idadapter(adapter, 0.5, kv_std=0.01)
-    optimizer = torch.optim.Adam(adapter.parameters(), lr=3e-5)
-    checkpoint = save_checkpoint(Accelerator(cpu=True), root / "run", 1, adapter, optimizer,
-                                 get_constant_schedule_with_warmup(optimizer, 0), {"method": "idadapter"})
-    return export_checkpoint(checkpoint, root / "idadapter" / WEIGHTS, dtype="fp16")
+    return export_through_the_trainer(adapter, "idadapter", root / "idadapter" / WEIGHTS)
 
 
 @pytest.mark.slow
@@ -220,6 +227,50 @@ def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one
     assert adapter.config.layout.base == "sd15" and adapter.config.mff.face_dim == IRESNET100.embed_dim
     assert sum(p.numel() for p in adapter.model.parameters()) > 250e6  # the full sd15 adapter, not a tiny one
     assert exported.stat().st_size > 500e6
+    assert ours.shape == bare.shape == (1, 4, 64, 64) and torch.isfinite(ours).all()
+    assert float((ours - bare).abs().max()) > 1e-3 * float(bare.abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.comfyui
+def test_full_size_exported_inv_adapter_inverts_a_photo_and_applies_to_a_full_size_sd15_checkpoint(comfy_pack, tmp_path):
+    """Load Inv-Adapter -> Invert Reference (2 DDIM steps through the full UNet at 512²) -> Apply Inv-Adapter ->
+    KSampler, one step."""
+    from comfy_fixtures import comfy_folders
+
+    from idadapter_core.inv_adapter import InvAdapter, InvAdapterConfig
+    from idadapter_core.presets import PRESETS
+
+    assets = shared_assets_or_skip()
+    torch.set_num_threads(2)
+    for folder in ("checkpoints", "inv_adapter"):
+        (tmp_path / folder).mkdir()
+    write_full_sd15_checkpoint(tmp_path / "checkpoints" / CHECKPOINT)
+    torch.manual_seed(0)
+    trained = open_inv_adapter(InvAdapter(InvAdapterConfig(PRESETS["sd15"])))
+    exported = export_through_the_trainer(trained, "inv-adapter", tmp_path / "inv_adapter" / INV_WEIGHTS)
+
+    inv_nodes = importlib.import_module("comfyui_idadapter.nodes.inv_adapter_nodes")
+    import nodes as comfy_nodes
+
+    folders = dict(checkpoints=tmp_path / "checkpoints", inv_adapter=tmp_path / "inv_adapter")
+    with comfy_folders(assets / "faces", **folders), torch.inference_mode():
+        model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[:3]
+        adapter = inv_nodes.LoadInvAdapter.execute(INV_WEIGHTS).result[0]
+        image = comfy_nodes.LoadImage().load_image("obama2.jpg")[0]
+        image = comfy_nodes.ImageScale().upscale(image, "bilinear", 512, 512, "center")[0]
+        reference = inv_nodes.InvertReference.execute(model, vae, clip, image, 2).result[0]
+        patched = inv_nodes.ApplyInvAdapter.execute(model, adapter, reference, 1.0, 0.0, 1.0).result[0]
+        positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+        negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = comfy_nodes.EmptyLatentImage().generate(512, 512, 1)[0]
+        bare, ours = (comfy_nodes.KSampler().sample(m, 0, 1, 5.0, "euler", "normal", positive, negative, latent)[0]
+                      ["samples"] for m in (model, patched))
+
+    parameters = sum(p.numel() for p in adapter.model.parameters())
+    assert adapter.config.layout.base == "sd15" and 49e6 < parameters < 50.5e6  # the paper's 49.6 M
+    assert exported.stat().st_size > 95e6
+    assert reference.latents.shape[-2:] == (64, 64)
     assert ours.shape == bare.shape == (1, 4, 64, 64) and torch.isfinite(ours).all()
     assert float((ours - bare).abs().max()) > 1e-3 * float(bare.abs().max())
 
