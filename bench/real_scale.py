@@ -28,9 +28,10 @@ paths in seconds (the smoke test).
    x batch 4 on an A100 and an H100 at that utilisation. What was measured and what projected is said in each row.
 
 Run: `python -m bench.real_scale [--quick] [--base sd15] [--methods idadapter inv-adapter] [--json PATH]`.
-At full size on a CPU one training step takes minutes (2-5 on 2 shared cores, fp32) and the whole run hours, within
-~13 GiB of RAM (IDAdapter's fit at 512 px peaked at 12.6): `--skip rehearsal|parts`, `--rehearse`, `--fit-resolution` and `--parts-resolution` cut it down, and
-`--workdir` keeps what was measured for a later summary. Prints a table and exits 0 (a report), 1 when a rehearsal
+At full size on a CPU one training step takes minutes (1.5-5 on 2 shared cores, fp32) and the whole run hours, within
+~14 GiB of RAM (IDAdapter's fit at 512 px peaked at 12.6 on SD1.5, 13.5 on SD2.1): `--skip rehearsal|parts`,
+`--rehearse`, `--fit-resolution` and `--parts-resolution` cut it down, and `--workdir` keeps what was measured for a
+later summary. Prints a table and exits 0 (a report), 1 when a rehearsal
 step failed or a resumed run did not end where the uninterrupted one did.
 """
 from __future__ import annotations

@@ -233,7 +233,7 @@ def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one
 
 @pytest.mark.slow
 @pytest.mark.comfyui
-def test_full_size_exported_inv_adapter_inverts_a_photo_and_applies_to_a_full_size_sd15_checkpoint(comfy_pack, tmp_path):
+def test_full_size_inv_adapter_inverts_a_photo_and_applies_to_a_full_size_sd15_checkpoint(comfy_pack, tmp_path):
     """Load Inv-Adapter -> Invert Reference (2 DDIM steps through the full UNet at 512²) -> Apply Inv-Adapter ->
     KSampler, one step."""
     from comfy_fixtures import comfy_folders

@@ -113,7 +113,8 @@ def _run_pipeline(base: BaseModel, settings: SamplingSettings, seeds: Sequence[i
     images = identity_pipeline(base)(
         prompt_embeds=context, negative_prompt_embeds=negative_context, height=settings.resolution,
         width=settings.resolution, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-        eta=settings.eta, generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds], output_type="np", **extra,
+        eta=settings.eta, generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds], output_type="np",
+        **extra,
     ).images
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 

@@ -255,7 +255,7 @@ class BaseSettings:
     output 1.98 for another eye word against 5.29 and 2.98 for seeds 1 and 2 (L2 over the tokens, output norm 22.6),
     and its base never learned eye colours (told them, it drew them at 0.38; seeds 1 and 2 at 0.99 and 1.00)."""
     ema_decay: float = 0.999
-    """The trained weights are the exponential moving average of its training weights (diffusers' EMAModel, with its
+    """The trained weights are the exponential moving average of their training weights (diffusers' EMAModel, with its
     warm-up): at 1200 steps, EMA raised the told-attributes accuracy from 0.56 to 0.60 and well-formed images from
     39 % to 45 % (seed 0, 64 images)."""
 
