@@ -106,7 +106,8 @@ class Settings(AdapterTraining):
     """Per adapter person (training and held out alike)."""
     steps: int = 1200
     """Adapter steps: at 400, IDAdapter guided read 0.58 ± 0.06 and Inv-Adapter 0.73 ± 0.19; at 1200, 0.75 ± 0.04 and
-    0.87 ± 0.10 (3 seeds, README)."""
+    0.87 ± 0.10 (3 seeds, the earlier bases); on the current bases at 1200, 0.75 ± 0.05 and 0.98 ± 0.00 (74 % and 83 %
+    well formed), at 2400, 0.86 ± 0.06 and 0.98 ± 0.02 (79 % and 90 %; README)."""
     batch_size: int = 16
     inversion_steps: int = 20
     generations: int = 4
