@@ -189,6 +189,8 @@ class AdapterTraining:
     batch_size: int = 32
     lr: float = 2e-3
     """Adam's learning rate for the tiny adapter (the paper's 3e-5 is for the full-size one; our choice)."""
+    lr_schedule: str = "constant"
+    """The trainer's `lr_schedule`."""
     num_refs: int = 4
     mff_width: int = 32
     identity_dropout: float = 0.1
@@ -200,7 +202,8 @@ class AdapterTraining:
                        resolution: int, seed: int) -> dict[str, dict]:
         """Per method, the trainer's settings (`resolve_config` overrides) every variant of it starts from."""
         common = dict(cache=str(train_cache), output_dir=str(output_dir), pretrained=str(base_folder),
-                      num_refs=self.num_refs, batch_size=self.batch_size, lr=self.lr, max_steps=self.steps,
+                      num_refs=self.num_refs, batch_size=self.batch_size, lr=self.lr, lr_schedule=self.lr_schedule,
+                      max_steps=self.steps,
                       resolution=resolution, seed=seed, log_with="none", face_id_weight=0.0)
         return {
             "idadapter": dict(common, clip_vision=str(clip_folder), mff_width=self.mff_width,

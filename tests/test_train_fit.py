@@ -100,6 +100,25 @@ def test_killed_run_resumes_bit_identical(workspace, baseline):
                for i in optimizer[1]["state"] for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
+def test_cosine_schedule_decays_to_zero_and_resumes_bit_identical(workspace):
+    """`lr_schedule: cosine`: the rate rises over the warmup, then falls as a half cosine to 0 at max_steps; a run killed
+    after step 5 and resumed from its step-4 checkpoint ends with the uninterrupted run's weights."""
+    overrides = dict(lr_schedule="cosine", warmup_steps=2)
+    config = make_config(workspace, "cosine-session", **overrides)
+    session = TrainingSession(config)
+    rates = []
+    for step in range(config.max_steps):
+        rates.append(session.lr_scheduler.get_last_lr()[0])
+        session.step(step)
+    half_cosine = [(1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+    assert rates == pytest.approx([config.lr * f for f in (0.0, 0.5, *half_cosine)])
+    assert session.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    run(make_config(workspace, "cosine", keep_checkpoints=1, **overrides), stop_after=5)
+    resumed = run(make_config(workspace, "cosine", keep_checkpoints=1, resume="latest", **overrides))
+    assert resumed.step == config.max_steps
+    assert resumed.weights_sha256 == weights_digest(session.step_module.adapter)
+
+
 def test_feature_cache_off_or_on_disk_changes_nothing(workspace, baseline):
     no_cache = run(make_config(workspace, "no-cache", max_steps=3, cache_features=False))
     folder = workspace["root"] / "features"

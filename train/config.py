@@ -26,6 +26,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 METHODS = ("idadapter", "inv-adapter")
 REFERENCE_FEATURES = ("noised", "inversion")
 """Where Inv-Adapter's training step takes the reference latent at the step's timestep from (train/inv_adapter_step.py)."""
+LR_SCHEDULES = ("constant", "cosine")
 LOG_WITH = ("tensorboard", "none")
 RESOLVED_CONFIG_FILE = "config.yaml"
 
@@ -88,8 +89,12 @@ class FitConfig:
     max_steps: int = _option(50_000, "optimizer steps to train for")
     batch_size: int = _option(4, "samples per process per micro-step")
     gradient_accumulation_steps: int = _option(1, "micro-steps per optimizer step")
-    lr: float = _option(3e-5, "Adam learning rate (constant after the warmup)")
+    lr: float = _option(3e-5, "Adam learning rate (the peak, after the warmup)")
     warmup_steps: int = _option(0, "linear learning-rate warmup, in optimizer steps (our choice: none)")
+    lr_schedule: str = _option(
+        "constant", "learning rate after the warmup: constant (the paper's, DESIGN.md §2.6) or a cosine decay to 0 at "
+                    "max_steps (for short runs: the last weights are then not one noisy Adam step among many; the "
+                    "identity miniature uses it, README)", LR_SCHEDULES)
     mixed_precision: str = _option("no", "accelerate's mixed precision; the adapter's weights stay float32",
                                    MIXED_PRECISION)
     gradient_checkpointing: bool = _option(False, "recompute UNet (and VAE decoder) activations in the backward pass")
