@@ -271,12 +271,16 @@ TRAINED_FILE = "trained.json"
 def model_spec() -> ModelSpec:
     """`TINY_SPEC` (32 px, 8x8 latents) with a narrower VAE without attention (it is trained here) and 2 channel
     groups in its norms (with one channel a group, GroupNorm would take each channel's own level out of the image,
-    which is what a flat colour is)."""
+    which is what a flat colour is), and a CLIP vision model of 4 px patches: 8x8 of them over the 32 px crop, so an
+    eye spans about one patch, as the real ViT-H/14 (16x16 patches of 14 px over its 224 px crop) sees a face's
+    features in patches of their own. With `TINY_SPEC`'s 8 px patches (4x4) each patch holding the eyes also held
+    hair and skin, and IDAdapter drew the eyes in the hair colour in most of its malformed images (seed 1, 2026-12-06).
+    The CLIP model is not part of the cached base."""
     return replace(TINY_SPEC, vae=dict(
         block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4, norm_num_groups=2, layers_per_block=1, mid_block_add_attention=False,
-    ))
+    ), clip_vision=dict(TINY_SPEC.clip_vision, patch_size=4))
 
 
 def build_base_parts(seed: int) -> BaseComponents:
