@@ -203,8 +203,7 @@ class AdapterTraining:
         """Per method, the trainer's settings (`resolve_config` overrides) every variant of it starts from."""
         common = dict(cache=str(train_cache), output_dir=str(output_dir), pretrained=str(base_folder),
                       num_refs=self.num_refs, batch_size=self.batch_size, lr=self.lr, lr_schedule=self.lr_schedule,
-                      max_steps=self.steps,
-                      resolution=resolution, seed=seed, log_with="none", face_id_weight=0.0)
+                      max_steps=self.steps, resolution=resolution, seed=seed, log_with="none", face_id_weight=0.0)
         return {
             "idadapter": dict(common, clip_vision=str(clip_folder), mff_width=self.mff_width,
                               mff_heads=4, identity_dropout=self.identity_dropout),

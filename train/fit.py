@@ -9,9 +9,10 @@ every UNet transformer block (DiffusersIDAdapter, which also adds the trained cr
 place of the trigger word's input embedding in the prompt "<caption>, <class word> is <trigger word>"; the target's
 latent noised at a uniform timestep; loss = MSE on ε or v (the scheduler's prediction type) + λ·face-ID loss on the
 one-step x̂0, decoded by the VAE (λ = 0 skips the decode). Trainable: the IDAdapter module only (MFF, identity MLP,
-adapters, K/V deltas); Adam at a constant learning rate (optional warmup; `lr_schedule: cosine` decays it). With `method: inv-adapter` the same loop
-trains Inv-Adapter's EAA instead (train/inv_adapter_step.py). The structure is IP-Adapter's
-tutorial_train.py: a module whose forward is the loss, one loop with `accelerator.accumulate`, periodic saves.
+adapters, K/V deltas); Adam at a constant learning rate (optional warmup; `lr_schedule: cosine` decays it). With
+`method: inv-adapter` the same loop trains Inv-Adapter's EAA instead (train/inv_adapter_step.py). The structure is
+IP-Adapter's tutorial_train.py: a module whose forward is the loss, one loop with `accelerator.accumulate`, periodic
+saves.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ from .models import (
 log = logging.getLogger(__name__)
 
 _RESUME_SENSITIVE = ("method", "seed", "batch_size", "gradient_accumulation_steps", "num_refs", "identity_dropout",
-                     "random_flip", "resolution", "cache", "lr", "warmup_steps", "lr_schedule", "face_id_weight", "mixed_precision",
-                     "reference_features", "inversion_steps")
+                     "random_flip", "resolution", "cache", "lr", "warmup_steps", "lr_schedule", "face_id_weight",
+                     "mixed_precision", "reference_features", "inversion_steps")
 """Settings that, changed between a checkpoint and the run resuming it, make the result differ from an uninterrupted
 run."""
 
@@ -432,7 +433,8 @@ class TrainingSession:
         self.optimizer = torch.optim.Adam(self.step_module.adapter.parameters(), lr=config.lr)
         self.lr_scheduler = (
             get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, config.max_steps)
-            if config.lr_schedule == "cosine" else get_constant_schedule_with_warmup(self.optimizer, config.warmup_steps))
+            if config.lr_schedule == "cosine"
+            else get_constant_schedule_with_warmup(self.optimizer, config.warmup_steps))
         self.model = self.step_module
         if accelerator is not None:
             self.model, self.optimizer = accelerator.prepare(self.step_module, self.optimizer)
