@@ -1,6 +1,6 @@
 """Identity in generated images, in miniature: do IDAdapter and Inv-Adapter make a tiny base model draw the referenced
-person? A world in which identity can be seen (train/miniature.py), on CPU: a seed took 63 minutes with three at once
-on a 2-core machine beside another job, 30 of them to train its base (cached for later runs; 2026-12-06).
+person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch took 34 minutes on a
+2-core machine beside other jobs, 10 of them to train its base (cached for later runs; 2026-12-06).
 
 World. A "person" is a 16 px face in a 32 px photo made of four large attributes: skin colour, hair colour, eye
 colour (4 values each) and hair length (2): 128 people; their photos vary in background grey and tint, brightness and
@@ -107,7 +107,9 @@ class Settings(AdapterTraining):
     steps: int = 1200
     """Adapter steps: at 400, IDAdapter guided read 0.58 ± 0.06 and Inv-Adapter 0.73 ± 0.19; at 1200, 0.75 ± 0.04 and
     0.87 ± 0.10 (3 seeds, the earlier bases); on the current bases at 1200, 0.75 ± 0.05 and 0.98 ± 0.00 (74 % and 83 %
-    well formed), at 2400, 0.86 ± 0.06 and 0.98 ± 0.02 (79 % and 90 %; README)."""
+    well formed), at 2400, 0.86 ± 0.06 and 0.98 ± 0.02 (79 % and 90 %); with the rate decayed and 4 px CLIP patches
+    at 1200, 0.83 ± 0.13 and 0.97 ± 0.02 (62 % and 91 %), at 2400, 0.85 ± 0.11 and 0.99 ± 0.02 (86 % and 94 %: the
+    whole bar on 2/3 and 3/3 seeds; README)."""
     batch_size: int = 16
     lr_schedule: str = "cosine"
     """Chosen on Inv-Adapter, seed 1 of the 2026-12-06 bases, 1200 steps: its guided images were 84 % well formed with
