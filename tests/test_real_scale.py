@@ -189,6 +189,17 @@ def export_full_size_idadapter(root: Path, face_dim: int, face_model: str) -> Pa
     return export_through_the_trainer(adapter, "idadapter", root / "idadapter" / WEIGHTS)
 
 
+def assert_one_step_changes(model, patched, positive, negative) -> None:
+    """One KSampler step at 512² with the bare and the patched model: same finite shape, a visible difference."""
+    import nodes as comfy_nodes
+
+    latent = comfy_nodes.EmptyLatentImage().generate(512, 512, 1)[0]
+    bare, ours = (comfy_nodes.KSampler().sample(m, 0, 1, 5.0, "euler", "normal", positive, negative, latent)[0]
+                  ["samples"] for m in (model, patched))
+    assert ours.shape == bare.shape == (1, 4, 64, 64) and torch.isfinite(ours).all()
+    assert float((ours - bare).abs().max()) > 1e-3 * float(bare.abs().max())
+
+
 @pytest.mark.slow
 @pytest.mark.comfyui
 def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one_step(comfy_pack, tmp_path):
@@ -219,16 +230,11 @@ def test_full_size_exported_weights_apply_to_a_full_size_sd15_checkpoint_for_one
         embeds = nodes.EncodeIdentity.execute(adapter, features).result[0]
         patched = nodes.ApplyIDAdapter.execute(model, adapter, embeds, 1.0, 0.0, 1.0).result[0]
         positive = nodes.IdentityPrompt.execute(clip, adapter, embeds, "a photo", "").result[0]
-        negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
-        latent = comfy_nodes.EmptyLatentImage().generate(512, 512, 1)[0]
-        bare, ours = (comfy_nodes.KSampler().sample(m, 0, 1, 5.0, "euler", "normal", positive, negative, latent)[0]
-                      ["samples"] for m in (model, patched))
+        assert_one_step_changes(model, patched, positive, comfy_nodes.CLIPTextEncode().encode(clip, "")[0])
 
     assert adapter.config.layout.base == "sd15" and adapter.config.mff.face_dim == IRESNET100.embed_dim
     assert sum(p.numel() for p in adapter.model.parameters()) > 250e6  # the full sd15 adapter, not a tiny one
     assert exported.stat().st_size > 500e6
-    assert ours.shape == bare.shape == (1, 4, 64, 64) and torch.isfinite(ours).all()
-    assert float((ours - bare).abs().max()) > 1e-3 * float(bare.abs().max())
 
 
 @pytest.mark.slow
@@ -262,17 +268,12 @@ def test_full_size_inv_adapter_inverts_a_photo_and_applies_to_a_full_size_sd15_c
         reference = inv_nodes.InvertReference.execute(model, vae, clip, image, 2).result[0]
         patched = inv_nodes.ApplyInvAdapter.execute(model, adapter, reference, 1.0, 0.0, 1.0).result[0]
         positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo")[0]
-        negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
-        latent = comfy_nodes.EmptyLatentImage().generate(512, 512, 1)[0]
-        bare, ours = (comfy_nodes.KSampler().sample(m, 0, 1, 5.0, "euler", "normal", positive, negative, latent)[0]
-                      ["samples"] for m in (model, patched))
+        assert_one_step_changes(model, patched, positive, comfy_nodes.CLIPTextEncode().encode(clip, "")[0])
 
     parameters = sum(p.numel() for p in adapter.model.parameters())
     assert adapter.config.layout.base == "sd15" and 49e6 < parameters < 50.5e6  # the paper's 49.6 M
     assert exported.stat().st_size > 95e6
     assert reference.latents.shape[-2:] == (64, 64)
-    assert ours.shape == bare.shape == (1, 4, 64, 64) and torch.isfinite(ours).all()
-    assert float((ours - bare).abs().max()) > 1e-3 * float(bare.abs().max())
 
 
 # ---- what the rehearsal broke --------------------------------------------------------------------------------------
