@@ -104,12 +104,10 @@ class Settings(AdapterTraining):
     held_out_identities: int = 8
     photos: int = 8
     """Per adapter person (training and held out alike)."""
-    steps: int = 1200
-    """Adapter steps: at 400, IDAdapter guided read 0.58 ± 0.06 and Inv-Adapter 0.73 ± 0.19; at 1200, 0.75 ± 0.04 and
-    0.87 ± 0.10 (3 seeds, the earlier bases); on the current bases at 1200, 0.75 ± 0.05 and 0.98 ± 0.00 (74 % and 83 %
-    well formed), at 2400, 0.86 ± 0.06 and 0.98 ± 0.02 (79 % and 90 %); with the rate decayed and 4 px CLIP patches
-    at 1200, 0.83 ± 0.13 and 0.97 ± 0.02 (62 % and 91 %), at 2400, 0.85 ± 0.11 and 0.99 ± 0.02 (86 % and 94 %: the
-    whole bar on 2/3 and 3/3 seeds; README)."""
+    steps: int = 2400
+    """Adapter steps. With the rate decayed and 4 px CLIP patches, on the 2026-12-06 bases: at 1200, IDAdapter guided
+    read 0.83 ± 0.13 and Inv-Adapter 0.97 ± 0.02 (62 % and 91 % well formed: the whole bar on 0/3 and 2/3 seeds); at
+    2400, 0.85 ± 0.11 and 0.99 ± 0.02 (86 % and 94 %: 2/3 and 3/3). Earlier settings: README."""
     batch_size: int = 16
     lr_schedule: str = "cosine"
     """Chosen on Inv-Adapter, seed 1 of the 2026-12-06 bases, 1200 steps: its guided images were 84 % well formed with
