@@ -1,6 +1,6 @@
 """Identity in generated images, in miniature: do IDAdapter and Inv-Adapter make a tiny base model draw the referenced
-person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch took 34 minutes on a
-2-core machine beside other jobs, 10 of them to train its base (cached for later runs; 2026-12-06).
+person? A world in which identity can be seen (train/miniature.py), on CPU: a seed takes about 27 core-minutes with
+its base cached, about 37 from scratch (the base about 10; cached for later runs; 2026-12-06, README).
 
 World. A "person" is a 16 px face in a 32 px photo made of four large attributes: skin colour, hair colour, eye
 colour (4 values each) and hair length (2): 128 people; their photos vary in background grey and tint, brightness and
