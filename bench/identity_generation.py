@@ -1,6 +1,7 @@
 """Identity in generated images, in miniature: do IDAdapter and Inv-Adapter make a tiny base model draw the referenced
 person? A world in which identity can be seen (train/miniature.py), on CPU: a seed takes about 27 core-minutes with
-its base cached, about 37 from scratch (the base about 10; cached for later runs; 2026-12-06, README).
+its base and CLIP vision model cached, about 40 from scratch (the base about 10, the CLIP model about 2.5; both
+cached for later runs; 2026-12-06, README).
 
 World. A "person" is a 16 px face in a 32 px photo made of four large attributes: skin colour, hair colour, eye
 colour (4 values each) and hair length (2): 128 people; their photos vary in background grey and tint, brightness and
@@ -18,6 +19,8 @@ Per seed (each seed: new identities, base weights, adapter initialisation and da
   attributes ('a photo of a person with orange skin red long hair cyan eyes') for 80 % and with the plain caption ('a
   photo of a person') for the rest, so it can draw any combination when told and some person when not. Trained once
   per settings and seed, cached in --workdir; it is not what is measured.
+- IDAdapter's CLIP vision model: trained (as real CLIP is) to pick each aligned crop's attribute caption among all
+  128 people's, the captions through the base's text encoder (`world.tiny_clip_vision`); cached beside the base.
 - the adapters: `train_identities` people train them (the trainer's step, `train.fit.TrainingSession`; plain
   caption), `held_out_identities` other people are never seen by them: NEW COMBINATIONS of attribute
   values the training people have. IDAdapter: N = 4 references, identity dropout 0.1. Inv-Adapter: one reference,
@@ -77,7 +80,6 @@ from train.generate import (
 from train.models import load_base_model
 from train.prepare import prepare_dataset
 from train.tiny_face_models import write_model_pack
-from train.tiny_models import write_clip_vision
 
 log = logging.getLogger("identity_generation")
 
@@ -100,6 +102,7 @@ training: they are generation-time choices."""
 @dataclass
 class Settings(AdapterTraining):
     base: world.BaseSettings = field(default_factory=world.BaseSettings)
+    clip: world.ClipSettings = field(default_factory=world.ClipSettings)
     train_identities: int = 48
     held_out_identities: int = 8
     photos: int = 8
@@ -107,7 +110,8 @@ class Settings(AdapterTraining):
     steps: int = 2400
     """Adapter steps. With the rate decayed and 4 px CLIP patches, on the 2026-12-06 bases: at 1200, IDAdapter guided
     read 0.83 ± 0.13 and Inv-Adapter 0.97 ± 0.02 (62 % and 91 % well formed: the whole bar on 0/3 and 2/3 seeds); at
-    2400, 0.85 ± 0.11 and 0.99 ± 0.02 (86 % and 94 %: 2/3 and 3/3). Earlier settings: README."""
+    2400, 0.85 ± 0.11 and 0.99 ± 0.02 (86 % and 94 %: 2/3 and 3/3); then with a trained CLIP vision model
+    (`world.ClipSettings`), IDAdapter 0.97 ± 0.06 (86 %: 1/3). Earlier settings: README."""
     batch_size: int = 16
     lr_schedule: str = "cosine"
     """Chosen on Inv-Adapter, seed 1 of the 2026-12-06 bases, 1200 steps: its guided images were 84 % well formed with
@@ -126,7 +130,8 @@ class Settings(AdapterTraining):
     """The adapters trained and measured (the base's rows are always measured)."""
 
 
-QUICK = dict(base=world.BaseSettings(photos=64, autoencoder_steps=2, unet_steps=2, batch_size=4), train_identities=3,
+QUICK = dict(base=world.BaseSettings(photos=64, autoencoder_steps=2, unet_steps=2, batch_size=4),
+             clip=world.ClipSettings(photos_per_person=1, steps=2, batch_size=4), train_identities=3,
              held_out_identities=2, photos=3, steps=2, batch_size=2, generations=2, sampling_steps=2,
              inversion_steps=2, inv_variants=("fixed low-timestep reference", "faster mode (skip highest resolution)"))
 """Seconds: every part runs, nothing is learned."""
@@ -183,6 +188,8 @@ class SeedResult:
     """Row name -> Row as a dict."""
     base: dict = field(default_factory=dict)
     """The base model's training record."""
+    clip: dict = field(default_factory=dict)
+    """The CLIP vision model's training record."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -231,8 +238,10 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
                         for person in held_out}
     backgrounds = {person: [world.read_image(image).background for image in images]
                    for person, images in reference_photos.items()}
+    clip_folder = world.tiny_clip_vision(settings.clip, base_folder, analyzer, seed, workdir)
+    result.clip = world.base_record(clip_folder)
+    result.seconds["CLIP vision (cached or trained)"] = time.perf_counter() - started
     spec = world.model_spec()
-    clip_folder = write_clip_vision(folder / "clip", spec.clip_vision, seed)
     configs = settings.method_configs(caches["train"].path, base_folder, clip_folder, folder / "out", spec.resolution,
                                       seed)
     sample_seeds = [10_000 * seed + k for k in range(settings.generations)]
@@ -453,6 +462,7 @@ def load_results(paths: list[Path]) -> tuple[Settings, list[SeedResult]]:
     summaries = [json.loads(path.read_text()) for path in paths]
     settings = summaries[0]["settings"]
     settings = Settings(**{**settings, "base": world.BaseSettings(**settings["base"]),
+                           "clip": world.ClipSettings(**settings.get("clip", {})),
                            "inv_variants": tuple(settings["inv_variants"]),
                            "methods": tuple(settings.get("methods", METHODS))})
     return settings, [SeedResult(**seed) for summary in summaries for seed in summary["seeds"]]

@@ -14,6 +14,7 @@ from bench import identity_generation as generation
 from idadapter_core.face import load_face_analyzer
 from idadapter_core.face.similarity import face_embeddings
 from train import miniature as world
+from train.models import load_clip_vision
 from train.pretrain import train_unet
 from train.tiny_face_models import write_model_pack
 
@@ -67,6 +68,25 @@ def test_the_base_trains_its_text_encoder_with_the_unet_when_asked(train_text_en
     assert not parts.text_encoder.training and not parts.unet.training
 
 
+def test_the_clip_vision_model_learns_to_name_the_attributes_and_is_cached(tmp_path):
+    """The miniature's CLIP vision model is trained (a random one's features say little about the attributes): its
+    contrastive loss over the 128 people's captions falls far below chance's ln 128 = 4.85, and a second call reuses
+    it."""
+    base_folder = tmp_path / "base"
+    world.save_base_model(world.build_base_parts(seed=0), base_folder)
+    write_model_pack(tmp_path / "insightface", generation.PACK, face_measure="colour")
+    analyzer = load_face_analyzer(tmp_path / "insightface", generation.PACK, "CPU", world.DET_SIZE)
+    settings = world.ClipSettings(photos_per_person=1, steps=150, batch_size=64)
+    folder = world.tiny_clip_vision(settings, base_folder, analyzer, 0, tmp_path)
+    record = world.base_record(folder)
+    assert record["crops"] == 128 and record["contrastive_loss"] < 1.0
+    clip = load_clip_vision(folder)
+    assert clip.num_patches == 64 and not (tmp_path / f"{folder.name}-data").exists()
+    trained_at = (folder / world.TRAINED_FILE).stat().st_mtime_ns
+    assert world.tiny_clip_vision(settings, base_folder, analyzer, 0, tmp_path) == folder
+    assert (folder / world.TRAINED_FILE).stat().st_mtime_ns == trained_at
+
+
 def test_colour_detector_finds_every_person_and_the_red_one_none(tmp_path):
     write_model_pack(tmp_path, "colour", face_measure="colour")
     write_model_pack(tmp_path, "red")
@@ -102,6 +122,7 @@ def test_generation_bench_runs_end_to_end(tmp_path, capsys):
     summary = json.loads(results.read_text())
     assert summary["table"]["reference photos (read-out)"]["accuracy"]["mean"] == 1.0
     assert len(list(tmp_path.glob(f"base-*/{world.TRAINED_FILE}"))) == 1  # the cached base model
+    assert len(list(tmp_path.glob(f"clip-*/{world.TRAINED_FILE}"))) == 1  # and CLIP vision model
     assert picture.stat().st_size > 0
     assert generation.main(["--from-json", str(results), str(results)]) == 0
     assert "seed 0" in capsys.readouterr().out

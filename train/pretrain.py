@@ -87,3 +87,32 @@ def train_unet(parts: BaseComponents, pixels: torch.Tensor, captions: list[str],
     parts.unet.eval()
     parts.text_encoder.eval()
     return losses
+
+
+def train_clip_vision(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, caption_embeds: torch.Tensor,
+                      steps: int, batch_size: int, lr: float, seed: int) -> float:
+    """CLIP's contrastive objective with the text side locked: a transformers CLIPVisionModelWithProjection learns
+    to pick each image's caption among all `caption_embeds` (C, D), the text encoder's pooled output of the C
+    captions. `pixels` (B, 3, S, S) are preprocessed as the CLIP encoder sees them and `labels` (B,) index their
+    captions. The vision tower with its projection, a text projection and the temperature train (AdamW, one-cycle
+    rate). Returns the mean loss of the last 20 steps."""
+    text_projection = torch.nn.Linear(caption_embeds.shape[1], model.config.projection_dim, bias=False)
+    log_temperature = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+    optimizer = torch.optim.AdamW([*model.parameters(), *text_projection.parameters(), log_temperature], lr=lr,
+                                  weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="CLIP vision", leave=False):
+        chosen = torch.randint(0, len(pixels), (batch_size,), generator=generator)
+        images = F.normalize(model(pixel_values=pixels[chosen]).image_embeds, dim=-1)
+        captions = F.normalize(text_projection(caption_embeds), dim=-1)
+        loss = F.cross_entropy(log_temperature.exp().clamp(max=100) * images @ captions.T, labels[chosen])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return float(np.mean(losses[-20:]))
