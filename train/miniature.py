@@ -1,6 +1,7 @@
 """A miniature world in which identity can be seen: synthetic 32 px "people" whose identity is a few large coloured
 attributes, a deterministic read-out of those attributes from any image, and a tiny SD-like base model that learns to
-draw any combination of them (trained once per settings and seed, and cached). Used by bench/identity_generation.py.
+draw any combination of them, with a CLIP vision model that names them (both trained once per settings and seed, and
+cached). Used by bench/identity_generation.py.
 
 The face. A 16 px square (what the tiny insightface pack of train/tiny_face_models.py detects with its `colour`
 measure: every pixel of the square strongly coloured, the surround grey) near the centre of the photo:

@@ -1,7 +1,8 @@
 """Pre-training a tiny base model (train/tiny_models.py) on a synthetic world, so that the benchmarks train adapters
 on a base that draws that world in general and knows no identity: the VAE as a plain autoencoder where generation
 needs a decoder that inverts the encoder (train/miniature.py), then its scaling factor calibrated and the UNet
-trained on the images with their captions (ε-MSE, Adam). Seeded: the same inputs give the same weights."""
+trained on the images with their captions (ε-MSE, Adam); and a CLIP vision model trained contrastively against the
+base's text encoder (`train_clip_vision`). Seeded: the same inputs give the same weights."""
 from __future__ import annotations
 
 import numpy as np
