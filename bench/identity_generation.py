@@ -238,9 +238,11 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
                         for person in held_out}
     backgrounds = {person: [world.read_image(image).background for image in images]
                    for person, images in reference_photos.items()}
-    clip_folder = world.tiny_clip_vision(settings.clip, base_folder, analyzer, seed, workdir)
-    result.clip = world.base_record(clip_folder)
-    result.seconds["CLIP vision (cached or trained)"] = time.perf_counter() - started
+    clip_folder = None
+    if "idadapter" in settings.methods:  # Inv-Adapter uses no CLIP model
+        clip_folder = world.tiny_clip_vision(settings.clip, base_folder, analyzer, seed, workdir)
+        result.clip = world.base_record(clip_folder)
+        result.seconds["CLIP vision (cached or trained)"] = time.perf_counter() - started
     spec = world.model_spec()
     configs = settings.method_configs(caches["train"].path, base_folder, clip_folder, folder / "out", spec.resolution,
                                       seed)

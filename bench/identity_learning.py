@@ -198,15 +198,17 @@ class AdapterTraining:
     inversion_steps: int = 25
     """DDIM inversion steps of Inv-Adapter's inverted references."""
 
-    def method_configs(self, train_cache: Path, base_folder: Path, clip_folder: Path, output_dir: Path,
+    def method_configs(self, train_cache: Path, base_folder: Path, clip_folder: Path | None, output_dir: Path,
                        resolution: int, seed: int) -> dict[str, dict]:
-        """Per method, the trainer's settings (`resolve_config` overrides) every variant of it starts from."""
+        """Per method, the trainer's settings (`resolve_config` overrides) every variant of it starts from; without a
+        CLIP vision model (`clip_folder` None) IDAdapter's settings name none (the trainer then refuses them) and only
+        Inv-Adapter can train."""
         common = dict(cache=str(train_cache), output_dir=str(output_dir), pretrained=str(base_folder),
                       num_refs=self.num_refs, batch_size=self.batch_size, lr=self.lr, lr_schedule=self.lr_schedule,
                       max_steps=self.steps, resolution=resolution, seed=seed, log_with="none", face_id_weight=0.0)
         return {
-            "idadapter": dict(common, clip_vision=str(clip_folder), mff_width=self.mff_width,
-                              mff_heads=4, identity_dropout=self.identity_dropout),
+            "idadapter": dict(common, clip_vision="" if clip_folder is None else str(clip_folder),
+                              mff_width=self.mff_width, mff_heads=4, identity_dropout=self.identity_dropout),
             "inv-adapter": dict(common, method="inv-adapter", identity_dropout=0.0,
                                 inversion_steps=self.inversion_steps),
         }

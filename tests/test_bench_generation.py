@@ -133,3 +133,4 @@ def test_one_method_alone(tmp_path, capsys):
                             "--inv-variants"]) == 0
     out = capsys.readouterr().out
     assert "Inv-Adapter, cfg 3, guided" in out and "IDAdapter" not in out
+    assert not list(tmp_path.glob("clip-*"))  # IDAdapter's CLIP vision model is not trained for Inv-Adapter alone
