@@ -219,7 +219,7 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
     started = time.perf_counter()
     result = SeedResult(seed)
     base_folder = world.tiny_base(settings.base, seed, workdir)
-    result.base = world.base_record(base_folder)
+    result.base = world.training_record(base_folder)
     result.seconds["base (cached or trained)"] = time.perf_counter() - started
     folder = workdir / f"seed{seed}"
     training, held_out = pick_identities(seed, settings)
@@ -241,7 +241,7 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
     clip_folder = None
     if "idadapter" in settings.methods:  # Inv-Adapter uses no CLIP model
         clip_folder = world.tiny_clip_vision(settings.clip, base_folder, analyzer, seed, workdir)
-        result.clip = world.base_record(clip_folder)
+        result.clip = world.training_record(clip_folder)
         result.seconds["CLIP vision (cached or trained)"] = time.perf_counter() - started
     spec = world.model_spec()
     configs = settings.method_configs(caches["train"].path, base_folder, clip_folder, folder / "out", spec.resolution,

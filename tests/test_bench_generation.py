@@ -78,7 +78,7 @@ def test_the_clip_vision_model_learns_to_name_the_attributes_and_is_cached(tmp_p
     analyzer = load_face_analyzer(tmp_path / "insightface", generation.PACK, "CPU", world.DET_SIZE)
     settings = world.ClipSettings(photos_per_person=1, steps=150, batch_size=64)
     folder = world.tiny_clip_vision(settings, base_folder, analyzer, 0, tmp_path)
-    record = world.base_record(folder)
+    record = world.training_record(folder)
     assert record["crops"] == 128 and record["contrastive_loss"] < 1.0
     clip = load_clip_vision(folder)
     assert clip.num_patches == 64 and not (tmp_path / f"{folder.name}-data").exists()

@@ -274,7 +274,7 @@ class BaseSettings:
 
 
 TRAINED_FILE = "trained.json"
-"""Written last into a cached base model's folder: its training time, losses and settings."""
+"""Written last into a cached base or CLIP vision model's folder: its training time, losses and settings."""
 
 
 def model_spec() -> ModelSpec:
@@ -338,7 +338,8 @@ def tiny_base(settings: BaseSettings, seed: int, workdir: Path) -> Path:
     return folder
 
 
-def base_record(folder: Path) -> dict:
+def training_record(folder: Path) -> dict:
+    """The `TRAINED_FILE` of a cached base or CLIP vision model."""
     return json.loads((folder / TRAINED_FILE).read_text())
 
 
