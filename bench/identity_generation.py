@@ -21,10 +21,13 @@ Per seed (each seed: new identities, base weights, adapter initialisation and da
   per settings and seed, cached in --workdir; it is not what is measured.
 - IDAdapter's CLIP vision model: trained (as real CLIP is) to pick each aligned crop's attribute caption among all
   128 people's, the captions through the base's text encoder (`world.tiny_clip_vision`); cached beside the base.
+- the face model pack (`world.tiny_face_pack`): the tiny `colour` detector and a recognizer trained (as ArcFace is)
+  to tell the 128 people apart; `prepare` embeds every photo with it, and IDAdapter's face-ID loss uses it; cached.
 - the adapters: `train_identities` people train them (the trainer's step, `train.fit.TrainingSession`; plain
   caption), `held_out_identities` other people are never seen by them: NEW COMBINATIONS of attribute
-  values the training people have. IDAdapter: N = 4 references, identity dropout 0.1. Inv-Adapter: one reference,
-  DDIM-inverted (`inversion_steps`; the trainer's default and Apply Inv-Adapter's way), both EAA branches.
+  values the training people have. IDAdapter: N = 4 references, identity dropout 0.1, the face-ID loss at the
+  paper's λ = 0.1. Inv-Adapter: one reference, DDIM-inverted (`inversion_steps`; the trainer's default and Apply
+  Inv-Adapter's way), both EAA branches.
 - generation through the trainer's own path (train/generate.py), DDIM 20 steps with η = 1, the plain caption as the
   prompt and as the negative prompt, 4 images per held-out person and row, from its first 4 photos (Inv-Adapter: its
   first photo).
@@ -46,8 +49,10 @@ cfg `guidance` with guidance over the identity; a seed counts only where the rea
 >= 0.99, the VAE round trip >= 0.98, the ceiling >= 0.85, and >= 90 % of the generations are well formed.
 
 Run: `python -m bench.identity_generation [--quick] [--seeds 3] [--first-seed 0] [--json PATH] [--picture PNG]`;
-seeds are independent, so run them as separate processes (`--first-seed k --seeds 1 --json seedk.json`) and print
-the table of all with `--from-json seed0.json seed1.json ...`. Prints a table and exits 0 (it is a report).
+seeds are independent, so run them as separate processes (`--first-seed k --seeds 1 --json seedk.json`; a seed's two
+methods may run apart too, `--methods idadapter` and `--methods inv-adapter` with one --workdir after the base is
+cached) and print the table of all with `--from-json seed0.json seed1.json ...` (runs of one seed merge). Prints a
+table and exits 0 (it is a report).
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -79,11 +84,9 @@ from train.generate import (
 )
 from train.models import load_base_model
 from train.prepare import prepare_dataset
-from train.tiny_face_models import write_model_pack
 
 log = logging.getLogger("identity_generation")
 
-PACK = "tiny_colour_pack"
 METHODS = ("idadapter", "inv-adapter")
 GUIDED, SAME = NEGATIVE_IDENTITY_MODES
 INV_VARIANTS = {
@@ -103,6 +106,9 @@ training: they are generation-time choices."""
 class Settings(AdapterTraining):
     base: world.BaseSettings = field(default_factory=world.BaseSettings)
     clip: world.ClipSettings = field(default_factory=world.ClipSettings)
+    recognizer: world.RecognizerSettings = field(default_factory=world.RecognizerSettings)
+    face_id_weight: float = 0.1
+    """IDAdapter's λ of the face-ID loss (the paper's 0.1), with the trained recognizer."""
     train_identities: int = 48
     held_out_identities: int = 8
     photos: int = 8
@@ -131,7 +137,8 @@ class Settings(AdapterTraining):
 
 
 QUICK = dict(base=world.BaseSettings(photos=64, autoencoder_steps=2, unet_steps=2, batch_size=4),
-             clip=world.ClipSettings(photos_per_person=1, steps=2, batch_size=4), train_identities=3,
+             clip=world.ClipSettings(photos_per_person=1, steps=2, batch_size=4),
+             recognizer=world.RecognizerSettings(photos_per_person=1, steps=2, batch_size=4), train_identities=3,
              held_out_identities=2, photos=3, steps=2, batch_size=2, generations=2, sampling_steps=2,
              inversion_steps=2, inv_variants=("fixed low-timestep reference", "faster mode (skip highest resolution)"))
 """Seconds: every part runs, nothing is learned."""
@@ -190,6 +197,8 @@ class SeedResult:
     """The base model's training record."""
     clip: dict = field(default_factory=dict)
     """The CLIP vision model's training record."""
+    recognizer: dict = field(default_factory=dict)
+    """The face model pack's training record."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -214,13 +223,17 @@ def method_rows(settings: Settings) -> list[tuple[str, float, str]]:
     return [("cfg 1", 1.0, GUIDED), (f"cfg {g:g}, guided", g, GUIDED), (f"cfg {g:g}, same as positive", g, SAME)]
 
 
-def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: dict | None = None) -> SeedResult:
+def run_seed(seed: int, settings: Settings, workdir: Path, pictures: dict | None = None) -> SeedResult:
     """Everything of one seed; `pictures` (when given) receives the images the picture shows."""
     started = time.perf_counter()
     result = SeedResult(seed)
     base_folder = world.tiny_base(settings.base, seed, workdir)
     result.base = world.training_record(base_folder)
     result.seconds["base (cached or trained)"] = time.perf_counter() - started
+    face_root = world.tiny_face_pack(settings.recognizer, seed, workdir)
+    result.recognizer = world.training_record(face_root)
+    result.seconds["face models (cached or trained)"] = time.perf_counter() - started
+    analyzer = load_face_analyzer(face_root, world.FACE_PACK, "CPU", world.DET_SIZE)
     folder = workdir / f"seed{seed}"
     training, held_out = pick_identities(seed, settings)
     rng = np.random.default_rng([seed, 3])
@@ -246,6 +259,8 @@ def run_seed(seed: int, settings: Settings, workdir: Path, analyzer, pictures: d
     spec = world.model_spec()
     configs = settings.method_configs(caches["train"].path, base_folder, clip_folder, folder / "out", spec.resolution,
                                       seed)
+    configs["idadapter"].update(face_id_weight=settings.face_id_weight, insightface_root=str(face_root),
+                                face_model=world.FACE_PACK, face_det_size=world.DET_SIZE, face_min_size=8)
     sample_seeds = [10_000 * seed + k for k in range(settings.generations)]
     rows = result.rows
 
@@ -412,7 +427,8 @@ def print_table(summary: dict) -> None:
           f"hair, eyes: 4 values each; hair length: 2), read out exactly. Base per seed: autoencoder "
           f"{b['autoencoder_steps']} steps, UNet {b['unet_steps']} steps (batch {b['batch_size']}) on {b['photos']} "
           f"photos, {b['captioned']:.0%} captioned with their attributes. Adapters: {s['steps']} steps (batch "
-          f"{s['batch_size']}, lr {s['lr']:g}) on {s['train_identities']} people x {s['photos']} photos; "
+          f"{s['batch_size']}, lr {s['lr']:g}; IDAdapter's face-ID loss λ {s['face_id_weight']:g}) on "
+          f"{s['train_identities']} people x {s['photos']} photos; "
           f"{s['held_out_identities']} held-out people (new combinations), {s['generations']} images each per row, "
           f"DDIM {s['sampling_steps']} steps, η {s['eta']:g}. Seeds {', '.join(str(r['seed']) for r in seeds)}: "
           "mean ± sample std [min .. max].\n")
@@ -461,13 +477,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_results(paths: list[Path]) -> tuple[Settings, list[SeedResult]]:
+    """The settings and seeds of runs written with --json. Runs of one seed with different --methods or
+    --inv-variants (for instance each method in its own process) merge into one seed: its rows are the union (a row
+    both runs measured is kept from the first; the runs are deterministic); every other setting must agree."""
     summaries = [json.loads(path.read_text()) for path in paths]
-    settings = summaries[0]["settings"]
-    settings = Settings(**{**settings, "base": world.BaseSettings(**settings["base"]),
-                           "clip": world.ClipSettings(**settings.get("clip", {})),
-                           "inv_variants": tuple(settings["inv_variants"]),
-                           "methods": tuple(settings.get("methods", METHODS))})
-    return settings, [SeedResult(**seed) for summary in summaries for seed in summary["seeds"]]
+    loaded = [settings_from_json(summary["settings"]) for summary in summaries]
+    variants = tuple(dict.fromkeys(v for run in loaded for v in run.inv_variants))
+    methods = tuple(m for m in METHODS if any(m in run.methods for run in loaded))
+    settings = replace(loaded[0], methods=methods, inv_variants=variants)
+    for path, other in zip(paths, loaded):
+        if replace(other, methods=settings.methods, inv_variants=settings.inv_variants) != settings:
+            raise SystemExit(f"{path} was run with other settings than {paths[0]}; print their tables apart")
+    seeds: dict[int, SeedResult] = {}
+    for entry in (seed for summary in summaries for seed in summary["seeds"]):
+        result = SeedResult(**entry)
+        if result.seed not in seeds:
+            seeds[result.seed] = result
+            continue
+        merged = seeds[result.seed]
+        merged.rows.update({name: row for name, row in result.rows.items() if name not in merged.rows})
+        merged.clip, merged.recognizer = merged.clip or result.clip, merged.recognizer or result.recognizer
+        merged.seconds.update({k: v for k, v in result.seconds.items() if k not in merged.seconds})
+    return settings, list(seeds.values())
+
+
+def settings_from_json(settings: dict) -> Settings:
+    return Settings(**{**settings, "base": world.BaseSettings(**settings["base"]),
+                       "clip": world.ClipSettings(**settings.get("clip", {})),
+                       "recognizer": world.RecognizerSettings(**settings.get("recognizer", {})),
+                       "face_id_weight": settings.get("face_id_weight", 0.0),  # runs before it trained without
+                       "inv_variants": tuple(settings["inv_variants"]),
+                       "methods": tuple(settings.get("methods", METHODS))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,14 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         settings.inv_variants = tuple(args.inv_variants)
     if args.methods is not None:
         settings.methods = tuple(args.methods)
-    pack_root = args.workdir / "insightface"
-    if not (pack_root / "models" / PACK).is_dir():
-        write_model_pack(pack_root, PACK, face_measure="colour")
-    analyzer = load_face_analyzer(pack_root, PACK, "CPU", world.DET_SIZE)
 
     def run(seed: int) -> SeedResult:
         pictures = {} if args.picture is not None and seed == args.first_seed else None
-        result = run_seed(seed, settings, args.workdir, analyzer, pictures)
+        result = run_seed(seed, settings, args.workdir, pictures)
         if pictures is not None:
             save_picture(pictures, settings, args.picture)
         return result

@@ -1,7 +1,7 @@
 """A miniature world in which identity can be seen: synthetic 32 px "people" whose identity is a few large coloured
 attributes, a deterministic read-out of those attributes from any image, and a tiny SD-like base model that learns to
-draw any combination of them, with a CLIP vision model that names them (both trained once per settings and seed, and
-cached). Used by bench/identity_generation.py.
+draw any combination of them, with a CLIP vision model that names them and a face recognizer that tells them apart
+(each trained once per settings and seed, and cached). Used by bench/identity_generation.py.
 
 The face. A 16 px square (what the tiny insightface pack of train/tiny_face_models.py detects with its `colour`
 measure: every pixel of the square strongly coloured, the surround grey) near the centre of the photo:
@@ -39,12 +39,15 @@ from PIL import Image
 
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from idadapter_core.face import FaceAnalyzer
+from idadapter_core.face import FaceAnalyzer, load_face_analyzer
+from idadapter_core.face.alignment import align_reference
+from idadapter_core.face.detection import detect_face
 from idadapter_core.hosts.transformers_clip import comfy_clip_preprocess
 
 from .cache import TrainCache
 from .prepare import prepare_dataset
-from .pretrain import train_autoencoder, train_clip_vision, train_unet
+from .pretrain import train_autoencoder, train_clip_vision, train_recognizer, train_unet
+from .tiny_face_models import TinyRecognizer, export_recognizer_model, write_model_pack
 from .tiny_models import (
     TINY_SPEC, WORDS, BaseComponents, ModelSpec, build_base_components, build_clip_vision, save_base_model,
     text_encoder, tiny_clip_tokenizer,
@@ -414,3 +417,75 @@ def tiny_clip_vision(settings: ClipSettings, base_folder: Path, analyzer: FaceAn
     log.info("CLIP vision model: trained in %.0f s (contrastive loss %.3f), cached in %s", record["seconds"], loss,
              folder)
     return folder
+
+
+# ---- the face model pack: the colour detector and a recognizer trained to tell the people apart; cached -------------
+
+FACE_PACK = "tiny_colour_pack"
+"""The insightface pack name of the miniature's face models."""
+
+
+@dataclass(frozen=True)
+class RecognizerSettings:
+    """A random recognizer's embeddings follow the aligned crop's pixels: two photos of one person have cosine 0.996,
+    but two people one attribute apart 0.92, so the face-ID loss (the paper's λ·(1 − cos)) hardly tells a wrong eye
+    colour from a right one. Real ArcFace is trained to tell people apart; so is this one, on every person of the
+    world (ArcFace's additive angular margin): 0.97 for one person, 0.38 for the most alike two (seed 2)."""
+    photos_per_person: int = 16
+    steps: int = 600
+    batch_size: int = 256
+    lr: float = 3e-3
+    margin: float = 0.3
+    scale: float = 16.0
+    embed_dim: int = 64
+
+    def key(self, seed: int) -> str:
+        """Of the settings, the seed and the world (its palettes)."""
+        return hashlib.sha256(json.dumps([asdict(self), seed, ATTRIBUTES]).encode()).hexdigest()[:12]
+
+
+def aligned_face_crop(analyzer: FaceAnalyzer, image: np.ndarray) -> np.ndarray | None:
+    """(112, 112, 3) uint8: the photo's ArcFace crop as `prepare` aligns it (None where no face is found)."""
+    face = detect_face(analyzer, image, 0, min_face_size=8)
+    return None if isinstance(face, str) else align_reference(image, face, analyzer.arcface_size).arcface_crop
+
+
+def tiny_face_pack(settings: RecognizerSettings, seed: int, workdir: Path) -> Path:
+    """The cached insightface root (models/FACE_PACK: the tiny `colour` detector and a recognizer) for these settings
+    and seed, trained here the first time: photos of every person, aligned as `prepare` aligns them (the detector of
+    a pack with a random recognizer), and the recognizer learns to tell the 128 people apart
+    (`train.pretrain.train_recognizer`)."""
+    root = workdir / f"faces-{settings.key(seed)}"
+    if (root / TRAINED_FILE).is_file():
+        log.info("face model pack: cached %s", root)
+        return root
+    started = time.perf_counter()
+    scratch = workdir / f"{root.name}-data"
+    shutil.rmtree(scratch, ignore_errors=True)
+    detector_pack = write_model_pack(scratch / "insightface", FACE_PACK, settings.embed_dim, face_measure="colour")
+    analyzer = load_face_analyzer(scratch / "insightface", FACE_PACK, "CPU", DET_SIZE)
+    rng = np.random.default_rng([seed, 6])
+    people = all_identities()
+    crops, labels = [], []
+    for number, person in enumerate(people):
+        for _ in range(settings.photos_per_person):
+            crop = aligned_face_crop(analyzer, render_photo(person, PhotoVariation.draw(rng)))
+            if crop is not None:
+                crops.append(crop)
+                labels.append(number)
+    pixels = (torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() - 127.5) / 127.5  # insightface's input
+    torch.manual_seed(seed)
+    model = TinyRecognizer(settings.embed_dim)
+    loss = train_recognizer(model, pixels, torch.tensor(labels), len(people), settings.steps, settings.batch_size,
+                            settings.lr, seed, settings.margin, settings.scale)
+    folder = root / "models" / FACE_PACK
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(detector_pack / "det_tiny.onnx", folder / "det_tiny.onnx")
+    export_recognizer_model(model, folder / "rec_tiny.onnx")
+    shutil.rmtree(scratch)
+    record = dict(seconds=time.perf_counter() - started, arcface_loss=loss, crops=len(crops), settings=asdict(settings),
+                  seed=seed)
+    (root / TRAINED_FILE).write_text(json.dumps(record))
+    log.info("face model pack: recognizer trained in %.0f s (ArcFace loss %.3f), cached in %s", record["seconds"],
+             loss, root)
+    return root

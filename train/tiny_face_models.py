@@ -11,8 +11,9 @@ the square may be of any strongly coloured pixels (chroma, max - min channel: fr
 fully, under 0.15 not at all) on a greyish surround: faces whose every region is an identity attribute
 (train/miniature.py).
 
-`TinyRecognizer` has ArcFace's layout (static 1x3x112x112 input, one 1xD output) with random weights: images whose
-aligned crops look alike get similar embeddings, which is all an identity means here.
+`TinyRecognizer` has ArcFace's layout (static 1x3x112x112 input, one 1xD output), with random weights here: images
+whose aligned crops look alike get similar embeddings, which is all an identity means here (train/miniature.py
+trains one to tell its people apart).
 """
 from __future__ import annotations
 
@@ -102,10 +103,14 @@ def export_detector(path: Path, measure: str = "red") -> Path:
     )
 
 
+def export_recognizer_model(model: TinyRecognizer, path: Path) -> Path:
+    return _export_onnx(model, torch.zeros(1, 3, 112, 112), path, input_names=["data"], output_names=["embedding"])
+
+
 def export_recognizer(path: Path, embed_dim: int = 64, seed: int = 0) -> Path:
+    """A recognizer with random weights (drawn from `seed`)."""
     torch.manual_seed(seed)
-    return _export_onnx(TinyRecognizer(embed_dim), torch.zeros(1, 3, 112, 112), path, input_names=["data"],
-                        output_names=["embedding"])
+    return export_recognizer_model(TinyRecognizer(embed_dim), path)
 
 
 def write_model_pack(root: Path, name: str = "tiny_pack", embed_dim: int = 64, detector: bool = True,
