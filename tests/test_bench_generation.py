@@ -165,7 +165,7 @@ def test_each_method_in_its_own_run_merges_into_one_seed(tmp_path, capsys):
     assert generation.main(["--quick", "--seeds", "1", "--workdir", str(tmp_path), "--methods", "inv-adapter",
                             "--inv-variants", "--json", str(inv)]) == 0
     out = capsys.readouterr().out
-    assert "Inv-Adapter, cfg 3, guided" in out and "IDAdapter" not in out
+    assert "Inv-Adapter, cfg 3, guided" in out and "IDAdapter, cfg" not in out
     assert not list(tmp_path.glob("clip-*"))  # IDAdapter's CLIP vision model is not trained for Inv-Adapter alone
     assert generation.main(["--quick", "--seeds", "1", "--workdir", str(tmp_path), "--methods", "idadapter",
                             "--json", str(idadapter)]) == 0
