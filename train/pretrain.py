@@ -96,28 +96,18 @@ def train_clip_vision(model: torch.nn.Module, pixels: torch.Tensor, labels: torc
     """CLIP's contrastive objective with the text side locked: a transformers CLIPVisionModelWithProjection learns
     to pick each image's caption among all `caption_embeds` (C, D), the text encoder's pooled output of the C
     captions. `pixels` (B, 3, S, S) are preprocessed as the CLIP encoder sees them and `labels` (B,) index their
-    captions. The vision tower with its projection, a text projection and the temperature train (AdamW, one-cycle
-    rate). Returns the mean loss of the last 20 steps."""
+    captions. The vision tower with its projection, a text projection and the temperature train
+    (`_train_one_cycle`). Returns the mean loss of the last 20 steps."""
     text_projection = torch.nn.Linear(caption_embeds.shape[1], model.config.projection_dim, bias=False)
     log_temperature = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
-    optimizer = torch.optim.AdamW([*model.parameters(), *text_projection.parameters(), log_temperature], lr=lr,
-                                  weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="CLIP vision", leave=False):
-        chosen = torch.randint(0, len(pixels), (batch_size,), generator=generator)
+
+    def loss_of(chosen: torch.Tensor) -> torch.Tensor:
         images = F.normalize(model(pixel_values=pixels[chosen]).image_embeds, dim=-1)
         captions = F.normalize(text_projection(caption_embeds), dim=-1)
-        loss = F.cross_entropy(log_temperature.exp().clamp(max=100) * images @ captions.T, labels[chosen])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return float(np.mean(losses[-20:]))
+        return F.cross_entropy(log_temperature.exp().clamp(max=100) * images @ captions.T, labels[chosen])
+
+    return _train_one_cycle(model, [*text_projection.parameters(), log_temperature], loss_of, len(pixels), steps,
+                            batch_size, lr, seed, "CLIP vision")
 
 
 def train_recognizer(model: torch.nn.Module, crops: torch.Tensor, labels: torch.Tensor, classes: int, steps: int,
@@ -125,20 +115,33 @@ def train_recognizer(model: torch.nn.Module, crops: torch.Tensor, labels: torch.
     """ArcFace's objective (additive angular margin): `model` maps aligned crops (B, 3, S, S), preprocessed as
     insightface feeds its recognizer, to embeddings whose direction names the person; a class centre per label
     (`classes` of them) trains with it, and the target class's logit is scale·cos(θ + margin), the others'
-    scale·cos θ (AdamW, one-cycle rate). Returns the mean loss of the last 20 steps."""
+    scale·cos θ (`_train_one_cycle`). Returns the mean loss of the last 20 steps."""
     generator = torch.Generator().manual_seed(seed)
     centres = torch.nn.Parameter(torch.randn(classes, model(crops[:1]).shape[-1], generator=generator))
-    optimizer = torch.optim.AdamW([*model.parameters(), centres], lr=lr, weight_decay=0.01)
+
+    def loss_of(chosen: torch.Tensor) -> torch.Tensor:
+        cosines = F.normalize(model(crops[chosen]), dim=-1) @ F.normalize(centres, dim=-1).T
+        angles = torch.acos(cosines.clamp(-1 + 1e-6, 1 - 1e-6))
+        target = F.one_hot(labels[chosen], classes).bool()
+        return F.cross_entropy(scale * torch.where(target, torch.cos(angles + margin), cosines), labels[chosen])
+
+    return _train_one_cycle(model, [centres], loss_of, len(crops), steps, batch_size, lr, seed, "recognizer",
+                            generator)
+
+
+def _train_one_cycle(model: torch.nn.Module, extra: list[torch.nn.Parameter], loss_of, count: int, steps: int,
+                     batch_size: int, lr: float, seed: int, desc: str,
+                     generator: torch.Generator | None = None) -> float:
+    """`steps` of AdamW (weight decay 0.01, one-cycle rate) on `model` and the `extra` parameters, each on the loss
+    `loss_of` gives for a random batch of indices into `count` examples (drawn from `generator`, else one seeded
+    with `seed`). Returns the mean loss of the last 20 steps; the model is left in eval mode."""
+    optimizer = torch.optim.AdamW([*model.parameters(), *extra], lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
+    generator = generator or torch.Generator().manual_seed(seed)
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="recognizer", leave=False):
-        chosen = torch.randint(0, len(crops), (batch_size,), generator=generator)
-        cosines = F.normalize(model(crops[chosen]), dim=-1) @ F.normalize(centres, dim=-1).T
-        target = F.one_hot(labels[chosen], classes).bool()
-        angles = torch.acos(cosines.clamp(-1 + 1e-6, 1 - 1e-6))
-        logits = scale * torch.where(target, torch.cos(angles + margin), cosines)
-        loss = F.cross_entropy(logits, labels[chosen])
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        loss = loss_of(torch.randint(0, count, (batch_size,), generator=generator))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
