@@ -6,6 +6,8 @@ base's text encoder (`train_clip_vision`); and a face recognizer trained with Ar
 (`train_recognizer`). Seeded: the same inputs give the same weights."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -129,7 +131,8 @@ def train_recognizer(model: torch.nn.Module, crops: torch.Tensor, labels: torch.
                             generator)
 
 
-def _train_one_cycle(model: torch.nn.Module, extra: list[torch.nn.Parameter], loss_of, count: int, steps: int,
+def _train_one_cycle(model: torch.nn.Module, extra: list[torch.nn.Parameter],
+                     loss_of: Callable[[torch.Tensor], torch.Tensor], count: int, steps: int,
                      batch_size: int, lr: float, seed: int, desc: str,
                      generator: torch.Generator | None = None) -> float:
     """`steps` of AdamW (weight decay 0.01, one-cycle rate) on `model` and the `extra` parameters, each on the loss
