@@ -273,11 +273,17 @@ class BaseSettings:
 
     def key(self, seed: int) -> str:
         """Of the settings, the seed and the world (its palettes)."""
-        return hashlib.sha256(json.dumps([asdict(self), seed, ATTRIBUTES]).encode()).hexdigest()[:12]
+        return cache_key(asdict(self), seed, ATTRIBUTES)
 
 
 TRAINED_FILE = "trained.json"
-"""Written last into a cached base or CLIP vision model's folder: its training time, losses and settings."""
+"""Written last into a cached model's folder (base, CLIP vision model, face model pack): its training time, losses and
+settings."""
+
+
+def cache_key(*parts: object) -> str:
+    """The name suffix of a cached model's folder: a hash of what it was trained from (JSON-serialisable parts)."""
+    return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()[:12]
 
 
 def model_spec() -> ModelSpec:
@@ -342,7 +348,7 @@ def tiny_base(settings: BaseSettings, seed: int, workdir: Path) -> Path:
 
 
 def training_record(folder: Path) -> dict:
-    """The `TRAINED_FILE` of a cached base or CLIP vision model."""
+    """The `TRAINED_FILE` of a cached model (`tiny_base`, `tiny_clip_vision`, `tiny_face_pack`)."""
     return json.loads((folder / TRAINED_FILE).read_text())
 
 
@@ -369,7 +375,7 @@ class ClipSettings:
 
     def key(self, base_folder: Path, seed: int) -> str:
         """Of the settings, the seed and the base (whose text encoder the captions go through)."""
-        return hashlib.sha256(json.dumps([asdict(self), seed, base_folder.name]).encode()).hexdigest()[:12]
+        return cache_key(asdict(self), seed, base_folder.name)
 
 
 def tiny_clip_vision(settings: ClipSettings, base_folder: Path, analyzer: FaceAnalyzer, seed: int,
@@ -441,7 +447,7 @@ class RecognizerSettings:
 
     def key(self, seed: int) -> str:
         """Of the settings, the seed and the world (its palettes)."""
-        return hashlib.sha256(json.dumps([asdict(self), seed, ATTRIBUTES]).encode()).hexdigest()[:12]
+        return cache_key(asdict(self), seed, ATTRIBUTES)
 
 
 def aligned_face_crop(analyzer: FaceAnalyzer, image: np.ndarray) -> np.ndarray | None:
