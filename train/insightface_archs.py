@@ -231,15 +231,14 @@ REAL_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")
 def real_crops(assets: Path, face_model: str) -> np.ndarray:
     """Aligned ArcFace crops (B, 112, 112, 3) uint8 RGB of the real photos in `assets/faces`, by the pack's own
     detector and alignment with the insightface pack `face_model` under `assets/insightface`."""
-    from idadapter_core.face import align_reference, detect_face, load_face_analyzer, load_image
+    from idadapter_core.face import arcface_crop, load_face_analyzer, load_image
 
     analyzer = load_face_analyzer(assets / "insightface", face_model, "CPU", det_size=640)
     crops = []
     for name in REAL_PHOTOS:
-        image = load_image(assets / "faces" / name)
-        face = detect_face(analyzer, image, 0)
-        assert not isinstance(face, str), face
-        crops.append(align_reference(image, face, analyzer.arcface_size).arcface_crop)
+        crop = arcface_crop(analyzer, load_image(assets / "faces" / name))
+        assert not isinstance(crop, str), f"{name}: {crop}"
+        crops.append(crop)
     return np.stack(crops)
 
 

@@ -39,9 +39,7 @@ from PIL import Image
 
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from idadapter_core.face import FaceAnalyzer, load_face_analyzer
-from idadapter_core.face.alignment import align_reference
-from idadapter_core.face.detection import detect_face
+from idadapter_core.face import FaceAnalyzer, arcface_crop, load_face_analyzer
 from idadapter_core.hosts.transformers_clip import comfy_clip_preprocess
 
 from .cache import TrainCache
@@ -450,12 +448,6 @@ class RecognizerSettings:
         return cache_key(asdict(self), seed, ATTRIBUTES)
 
 
-def aligned_face_crop(analyzer: FaceAnalyzer, image: np.ndarray) -> np.ndarray | None:
-    """(112, 112, 3) uint8: the photo's ArcFace crop as `prepare` aligns it (None where no face is found)."""
-    face = detect_face(analyzer, image, 0, min_face_size=8)
-    return None if isinstance(face, str) else align_reference(image, face, analyzer.arcface_size).arcface_crop
-
-
 def tiny_face_pack(settings: RecognizerSettings, seed: int, workdir: Path) -> Path:
     """The cached insightface root (models/FACE_PACK: the tiny `colour` detector and a recognizer) for these settings
     and seed, trained here the first time: photos of every person, aligned as `prepare` aligns them (the detector of
@@ -475,8 +467,8 @@ def tiny_face_pack(settings: RecognizerSettings, seed: int, workdir: Path) -> Pa
     crops, labels = [], []
     for number, person in enumerate(people):
         for _ in range(settings.photos_per_person):
-            crop = aligned_face_crop(analyzer, render_photo(person, PhotoVariation.draw(rng)))
-            if crop is not None:
+            crop = arcface_crop(analyzer, render_photo(person, PhotoVariation.draw(rng)), min_face_size=8)
+            if not isinstance(crop, str):
                 crops.append(crop)
                 labels.append(number)
     pixels = (torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() - 127.5) / 127.5  # insightface's input

@@ -19,7 +19,7 @@ vision model is a callable (`ClipEncoder`) the host supplies.
 from ..errors import FaceModelMissingError, ImageFormatError, NoFaceError
 from .alignment import (
     CLIP_CROP_SCALE, CLIP_CROP_SIZE, FILL_MODES, AlignedReference, Augmentation, align_reference, align_references,
-    arcface_matrix, warp, wide_crop_matrix,
+    arcface_crop, arcface_matrix, warp, wide_crop_matrix,
 )
 from .consistency import DEFAULT_SAME_PERSON_THRESHOLD, IdentityCheck, check_one_person
 from .detection import (
@@ -36,7 +36,7 @@ from .similarity import SimilarityReport, face_embeddings, identity_similarity
 __all__ = [
     "FaceModelMissingError", "ImageFormatError", "NoFaceError",
     "CLIP_CROP_SCALE", "CLIP_CROP_SIZE", "FILL_MODES", "AlignedReference", "Augmentation", "align_reference",
-    "align_references", "arcface_matrix", "warp", "wide_crop_matrix",
+    "align_references", "arcface_crop", "arcface_matrix", "warp", "wide_crop_matrix",
     "DEFAULT_SAME_PERSON_THRESHOLD", "IdentityCheck", "check_one_person",
     "FACE_CHOICES", "DetectedFace", "ProgressFn", "SkipReason", "chosen_face_index", "detect_face",
     "find_reference_faces",

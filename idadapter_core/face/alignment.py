@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 
 from ..errors import IDAdapterError
-from .detection import DetectedFace
+from .detection import DetectedFace, SkipReason, detect_face
+from .models import FaceAnalyzer
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,14 @@ def align_reference(
         clip_crop = augmentation.apply_colour(clip_crop)
     points = np.hstack([face.landmarks, np.ones((5, 1), np.float32)]) @ clip[:2].T
     return AlignedReference(face, arcface_crop, clip_crop, points.astype(np.float32), augmentation)
+
+
+def arcface_crop(analyzer: FaceAnalyzer, image_rgb: np.ndarray, source_index: int = 0,
+                 min_face_size: int = 64) -> np.ndarray | SkipReason:
+    """(S, S, 3) uint8: the image's largest face aligned as the analyzer's recognizer takes it (S its input size), or
+    why there is none (`detect_face`'s reason)."""
+    face = detect_face(analyzer, image_rgb, source_index, min_face_size=min_face_size)
+    return face if isinstance(face, str) else align_reference(image_rgb, face, analyzer.arcface_size).arcface_crop
 
 
 def align_references(

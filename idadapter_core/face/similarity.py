@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import NoFaceError
-from .alignment import align_reference
-from .detection import detect_face
+from .alignment import arcface_crop
 from .images import as_image_list, to_rgb_uint8
 from .models import FaceAnalyzer
 
@@ -35,12 +34,8 @@ def face_embeddings(analyzer: FaceAnalyzer, images: torch.Tensor | Sequence) -> 
     """The L2-normalised ArcFace embedding of the largest face in each image (None where there is none)."""
     out: list[np.ndarray | None] = []
     for index, image in enumerate(as_image_list(images)):
-        rgb = to_rgb_uint8(image)
-        face = detect_face(analyzer, rgb, index, min_face_size=0)
-        if isinstance(face, str):
-            out.append(None)
-            continue
-        out.append(analyzer.embed(align_reference(rgb, face, analyzer.arcface_size).arcface_crop))
+        crop = arcface_crop(analyzer, to_rgb_uint8(image), index, min_face_size=0)
+        out.append(None if isinstance(crop, str) else analyzer.embed(crop))
     return out
 
 
