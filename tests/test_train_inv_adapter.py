@@ -14,6 +14,7 @@ from train.export import export_checkpoint
 from train.fit import build_training_step, train
 from train.cache import TrainCache
 from train.generate import inv_adapter_reference
+from train.inv_adapter_step import trajectory_input
 from train.models import load_base_model
 from train.tiny_models import RESOLUTION
 from train_fixtures import forget_accelerate_state, settings
@@ -52,25 +53,51 @@ def test_fit_trains_only_the_eaa_and_exports_an_inv_adapter_file(workspace, refe
     assert bool(kept) == (reference_features == "inversion")  # a file per reference row drawn
 
 
-def test_inversions_are_made_once_kept_on_disk_and_reused_by_a_resumed_run(tmp_path):
+def test_kept_inversions_are_read_one_point_at_a_time_by_another_process(tmp_path):
     from train.inv_adapter_step import TrajectoryStore
 
-    sigmas, trajectory = torch.tensor([0.1, 1.0, 10.0]), torch.randn(3, 1, 4, 8, 8)
-    inverted = []
-
-    def invert():
-        inverted.append(1)
-        return sigmas, trajectory
-
+    sigmas, trajectories = torch.tensor([0.1, 1.0, 10.0]), torch.randn(3, 2, 4, 8, 8)
+    TrajectoryStore(tmp_path / "run").keep([7, 9], sigmas, trajectories)
+    again = TrajectoryStore(tmp_path / "run")  # another process, e.g. after --resume
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["7.safetensors", "9.safetensors"]
+    assert again.has(7) and again.has(9) and not again.has(8)
     alpha = 1 / (1 + 1.0**2)  # the timestep whose noise level is σ = 1: the middle point
-    first = TrajectoryStore(tmp_path / "run").point(7, alpha, invert)
-    again = TrajectoryStore(tmp_path / "run").point(7, alpha, invert)  # another process, e.g. after --resume
-    assert len(inverted) == 1 and [p.name for p in (tmp_path / "run").iterdir()] == ["7.safetensors"]
-    assert torch.equal(first, again)
-    torch.testing.assert_close(first, trajectory[1] * alpha**0.5, rtol=1e-3, atol=1e-3)  # stored in float16
-    near_zero = TrajectoryStore(tmp_path / "run").point(7, 0.999, invert)  # σ = 0.03: the first point
-    torch.testing.assert_close(near_zero, trajectory[0] * 0.999**0.5, rtol=1e-3, atol=1e-3)
-    assert len(inverted) == 1
+    torch.testing.assert_close(again.point(7, alpha), trajectories[1, :1] * alpha**0.5, rtol=1e-3, atol=1e-3)  # float16
+    torch.testing.assert_close(again.point(9, alpha), trajectories[1, 1:] * alpha**0.5, rtol=1e-3, atol=1e-3)
+    near_zero = again.point(9, 0.999)  # σ = 0.03: the first point
+    torch.testing.assert_close(near_zero, trajectories[0, 1:] * 0.999**0.5, rtol=1e-3, atol=1e-3)
+
+
+def test_a_steps_new_references_are_inverted_together_once_as_each_would_be_alone(workspace):  # noqa: F811
+    """Rows 3, 5, 3, 8: one batched inversion of rows 3, 5 and 8 (row 3 from its first sample), equal to inverting
+    each alone; the next step, with rows 5 and 8 kept and 11 new, inverts row 11 alone."""
+    from train.inv_adapter_step import invert_latent
+    from train.real_size_models import random_inv_adapter_batch
+
+    config = resolve_config(None, inv_settings(workspace, "inv-batched", inversion_steps=3))
+    step = build_training_step(config, TrainCache(config.cache), torch.device("cpu"))[0]
+    base, inverted = step.frozen.base, []
+    batch = random_inv_adapter_batch(base, 4, RESOLUTION)
+    batch.reference_rows = [3, 5, 3, 8]
+    batch.timesteps = torch.tensor([999, 500, 10, 700])
+    invert = step._invert
+    step._invert = lambda latents, *args: inverted.append(latents.clone()) or invert(latents, *args)
+    with torch.no_grad():
+        null_context = base.text.encode(batch.null_token_ids)[0]
+        first = step._reference_inputs(batch, null_context, None)
+        assert [len(latents) for latents in inverted] == [3]
+        torch.testing.assert_close(inverted[0], batch.reference_latents[[0, 1, 3]])
+        for sample in range(4):  # each as its row's trajectory, inverted alone, gives at the sample's timestep
+            row_sample = {3: 0, 5: 1, 8: 3}[batch.reference_rows[sample]]
+            sigmas, alone = invert_latent(base, batch.reference_latents[row_sample : row_sample + 1],
+                                          null_context[:1], 3)
+            alpha = float(base.noise_scheduler.alphas_cumprod[batch.timesteps[sample]])
+            expected = trajectory_input(sigmas, alone, alpha)
+            torch.testing.assert_close(first[sample : sample + 1], expected, rtol=2e-3, atol=2e-3)  # kept in float16
+        batch.reference_rows = [5, 11, 8, 11]
+        step._reference_inputs(batch, null_context, None)
+    assert [len(latents) for latents in inverted] == [3, 1]
+    torch.testing.assert_close(inverted[1], batch.reference_latents[1:2])
 
 
 def test_eaa_starts_as_a_copy_of_each_blocks_self_attention_and_leaves_the_unet_unchanged(workspace):  # noqa: F811
