@@ -49,21 +49,25 @@ cfg `guidance` with guidance over the identity; a seed counts only where the rea
 >= 0.99, the VAE round trip >= 0.98, the ceiling >= 0.85, and >= 90 % of the generations are well formed.
 
 Run: `python -m bench.identity_generation [--quick] [--seeds 3] [--first-seed 0] [--json PATH] [--picture PNG]`;
-seeds are independent, so run them as separate processes (`--first-seed k --seeds 1 --json seedk.json`; a seed's two
-methods may run apart too, `--methods idadapter` and `--methods inv-adapter` with one --workdir after the base is
-cached) and print the table of all with `--from-json seed0.json seed1.json ...` (runs of one seed merge). Prints a
-table and exits 0 (it is a report).
+seeds are independent, so run them as separate processes (`--first-seed k --seeds 1 --json seedk.json`) and print
+the table of all with `--from-json seed0.json seed1.json ...`. `--jobs 2` runs a seed's two methods at once in two
+processes after the parts they share (the same rows as one after the other); a seed's methods may also run as
+separate commands, `--methods idadapter` and `--methods inv-adapter` with one --workdir after the base is cached, and
+their JSONs merge in --from-json. Prints a table and exits 0 (it is a report).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -234,9 +238,18 @@ def method_rows(settings: Settings) -> list[tuple[str, float, str]]:
     return [("cfg 1", 1.0, GUIDED), (f"cfg {g:g}, guided", g, GUIDED), (f"cfg {g:g}, same as positive", g, SAME)]
 
 
-def run_seed(seed: int, settings: Settings, workdir: Path, pictures: dict | None = None) -> SeedResult:
-    """Everything of one seed; `pictures` (when given) receives the images the picture shows."""
-    started = time.perf_counter()
+MethodRows = list[tuple[str, dict, dict | None]]
+"""(row name, images per held-out person, the references' background grey per person or None) of each row."""
+MethodResult = tuple[MethodRows, dict[str, float]]
+"""A method's rows, and when each of its parts ended (`time.time()`, which processes share)."""
+
+
+def run_seed(seed: int, settings: Settings, workdir: Path, pictures: dict | None = None, jobs: int = 1,
+             threads: int = 1) -> SeedResult:
+    """Everything of one seed; `pictures` (when given) receives the images the picture shows. With `jobs` 2 the two
+    methods train and generate at once, each in its own process of `threads` torch threads, after the parts they
+    share (the cached models, the data, the base's rows); their rows are the same as one after the other."""
+    started, started_at = time.perf_counter(), time.time()
     result = SeedResult(seed)
     base_folder = world.tiny_base(settings.base, seed, workdir)
     result.base = world.training_record(base_folder)
@@ -297,18 +310,46 @@ def run_seed(seed: int, settings: Settings, workdir: Path, pictures: dict | None
     del base, pipe
     result.seconds["data, read-out, floor and ceiling"] = time.perf_counter() - started
 
+    methods = []
     if "idadapter" in settings.methods:
-        idadapter_rows(seed, settings, configs["idadapter"], caches["held-out"], held_out, backgrounds, sample_seeds,
-                       record)
-        result.seconds["IDAdapter"] = time.perf_counter() - started
+        methods.append(partial(idadapter_rows, seed, settings, configs["idadapter"], caches["held-out"], held_out,
+                               backgrounds, sample_seeds))
     if "inv-adapter" in settings.methods:
-        inv_adapter_rows(seed, settings, configs["inv-adapter"], held_out, photos, backgrounds, sample_seeds, record,
-                         result.seconds, started)
+        methods.append(partial(inv_adapter_rows, seed, settings, configs["inv-adapter"], held_out, photos, backgrounds,
+                               sample_seeds))
+    for method_rows_made, ends in run_methods(methods, jobs, threads):
+        for name, images, reference_backgrounds in method_rows_made:
+            record(name, images, reference_backgrounds)
+        result.seconds.update({part: ended - started_at for part, ended in ends.items()})
     return result
 
 
+def run_methods(methods: list[Callable[[], MethodResult]], jobs: int, threads: int) -> list[MethodResult]:
+    """Each method's result: one after the other in this process, or with `jobs` > 1 in that many processes at once (spawned, so each starts as a fresh
+    interpreter; every method seeds what it draws, so its rows do not depend on where it runs)."""
+    if jobs <= 1 or len(methods) <= 1:
+        return [method() for method in methods]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(methods)), mp_context=context, initializer=start_worker,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(_call, methods))
+
+
+def _call(method: Callable[[], MethodResult]) -> MethodResult:
+    """`pool.map`'s function (it must be picklable: a module-level one)."""
+    return method()
+
+
+def start_worker(threads: int) -> None:
+    """A method's process: the bench's logging and torch threads."""
+    configure_logging()
+    torch.set_num_threads(threads)
+
+
 def idadapter_rows(seed: int, settings: Settings, config: dict, held_out_cache: TrainCache,
-                   held_out: list[world.Identity], backgrounds: dict, sample_seeds: list[int], record) -> None:
+                   held_out: list[world.Identity], backgrounds: dict, sample_seeds: list[int]
+                   ) -> MethodResult:
+    rows = []
     session = train_session(config, settings, f"seed {seed}: IDAdapter")
     features = session.frozen_features(held_out_cache)
     step_module = session.step_module
@@ -323,12 +364,14 @@ def idadapter_rows(seed: int, settings: Settings, config: dict, held_out_cache: 
                 step_module.frozen.base, step_module.adapter, step_module.frozen.binding,
                 features.references([references]), [world.CAPTION] * len(sample_seeds), world.CLASS_WORD,
                 sample_seeds, sampling(settings, guidance, mode))
-        record(f"IDAdapter, {suffix}", images, mean_backgrounds)
+        rows.append((f"IDAdapter, {suffix}", images, mean_backgrounds))
+    return rows, {"IDAdapter": time.time()}
 
 
 def inv_adapter_rows(seed: int, settings: Settings, config: dict, held_out: list[world.Identity], photos: dict,
-                     backgrounds: dict, sample_seeds: list[int], record, seconds: dict, started: float) -> None:
+                     backgrounds: dict, sample_seeds: list[int]) -> MethodResult:
     """Inv-Adapter: the default, then the variants asked for."""
+    rows, ends = [], {}
     first_backgrounds = {p: backgrounds[p][0] for p in held_out}
     trained = {}
     for variant in ("", *settings.inv_variants):
@@ -349,8 +392,9 @@ def inv_adapter_rows(seed: int, settings: Settings, config: dict, held_out: list
                 [world.CAPTION] * len(sample_seeds), sample_seeds, sampling(settings, guidance, mode),
                 reference_features=spec.get("generate", "inversion"), inversion_steps=settings.inversion_steps,
                 reference_seed=seed, blocks=spec.get("blocks", BLOCK_MODES[0])) for p in held_out}
-            record(f"Inv-Adapter{', ' + variant if variant else ''}, {suffix}", images, first_backgrounds)
-        seconds[f"Inv-Adapter{', ' + variant if variant else ''}"] = time.perf_counter() - started
+            rows.append((f"Inv-Adapter{', ' + variant if variant else ''}, {suffix}", images, first_backgrounds))
+        ends[f"Inv-Adapter{', ' + variant if variant else ''}"] = time.time()
+    return rows, ends
 
 
 def base_images(pipe, prompt: str, seeds: list[int], settings: Settings) -> np.ndarray:
@@ -480,7 +524,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/identity-generation"),
                         help="where the base models are cached and each seed's data is written")
     parser.add_argument("--picture", type=Path, help="write the first seed's picture here (PNG)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1), per process")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes for the methods (default 1): with 2, IDAdapter and Inv-Adapter train and "
+                             "generate at once after the parts they share (the same rows; on 2 cores, about the "
+                             "slower method's time instead of both)")
     parser.add_argument("--json", type=Path, help="also write the results here (after every seed)")
     parser.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
                         help="print the table of these runs' seeds together (nothing is run)")
@@ -521,10 +569,14 @@ def settings_from_json(settings: dict) -> Settings:
                        "methods": tuple(settings.get("methods", METHODS))})
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("train.models", "train.prepare", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     args = parse_args(argv)
     if args.from_json:
         print_table(summarize(*load_results(args.from_json)))
@@ -539,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(seed: int) -> SeedResult:
         pictures = {} if args.picture is not None and seed == args.first_seed else None
-        result = run_seed(seed, settings, args.workdir, pictures)
+        result = run_seed(seed, settings, args.workdir, pictures, args.jobs, args.threads)
         if pictures is not None:
             save_picture(pictures, settings, args.picture)
         return result

@@ -158,6 +158,18 @@ def test_generation_bench_runs_end_to_end(tmp_path, capsys):
     assert "seed 0" in capsys.readouterr().out
 
 
+def test_the_methods_in_two_processes_give_the_same_rows_as_one_after_the_other(tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    for jobs, path in (("1", one), ("2", two)):
+        assert generation.main(["--quick", "--seeds", "1", "--workdir", str(tmp_path), "--inv-variants",
+                                "fixed low-timestep reference", "--jobs", jobs, "--json", str(path)]) == 0
+    rows_one, rows_two = (json.loads(path.read_text())["seeds"][0]["rows"] for path in (one, two))
+    assert list(rows_two) == list(rows_one) and rows_two == rows_one
+    assert len([name for name in rows_one if name.startswith(("IDAdapter", "Inv-Adapter"))]) == 7
+    seconds = json.loads(two.read_text())["seeds"][0]["seconds"]
+    assert seconds["IDAdapter"] > seconds["data, read-out, floor and ceiling"]  # counted from the seed's start
+
+
 def test_each_method_in_its_own_run_merges_into_one_seed(tmp_path, capsys):
     """Inv-Adapter alone trains no CLIP vision model; the two methods run apart, for one seed, print as one seed with
     both methods' rows."""
