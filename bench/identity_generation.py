@@ -325,19 +325,15 @@ def run_seed(seed: int, settings: Settings, workdir: Path, pictures: dict | None
 
 
 def run_methods(methods: list[Callable[[], MethodResult]], jobs: int, threads: int) -> list[MethodResult]:
-    """Each method's result: one after the other in this process, or with `jobs` > 1 in that many processes at once (spawned, so each starts as a fresh
-    interpreter; every method seeds what it draws, so its rows do not depend on where it runs)."""
+    """Each method's result: one after the other in this process, or with `jobs` > 1 in that many processes at once
+    (spawned, so each starts as a fresh interpreter; every method seeds what it draws, so its rows do not depend on
+    where it runs)."""
     if jobs <= 1 or len(methods) <= 1:
         return [method() for method in methods]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(jobs, len(methods)), mp_context=context, initializer=start_worker,
                              initargs=(threads,)) as pool:
-        return list(pool.map(_call, methods))
-
-
-def _call(method: Callable[[], MethodResult]) -> MethodResult:
-    """`pool.map`'s function (it must be picklable: a module-level one)."""
-    return method()
+        return [future.result() for future in [pool.submit(method) for method in methods]]
 
 
 def start_worker(threads: int) -> None:
@@ -385,6 +381,7 @@ def inv_adapter_rows(seed: int, settings: Settings, config: dict, held_out: list
         step_module.eval()
         base = step_module.frozen.base
         latents = {p: encode_reference(base, load_target_image(photos[p][0], world.PHOTO_SIZE)[0]) for p in held_out}
+        label = f"Inv-Adapter{', ' + variant if variant else ''}"
         variant_rows = method_rows(settings) if not variant else method_rows(settings)[1:2]
         for suffix, guidance, mode in variant_rows:
             images = {p: generate_inv_adapter_images(
@@ -392,8 +389,8 @@ def inv_adapter_rows(seed: int, settings: Settings, config: dict, held_out: list
                 [world.CAPTION] * len(sample_seeds), sample_seeds, sampling(settings, guidance, mode),
                 reference_features=spec.get("generate", "inversion"), inversion_steps=settings.inversion_steps,
                 reference_seed=seed, blocks=spec.get("blocks", BLOCK_MODES[0])) for p in held_out}
-            rows.append((f"Inv-Adapter{', ' + variant if variant else ''}, {suffix}", images, first_backgrounds))
-        ends[f"Inv-Adapter{', ' + variant if variant else ''}"] = time.time()
+            rows.append((f"{label}, {suffix}", images, first_backgrounds))
+        ends[label] = time.time()
     return rows, ends
 
 
