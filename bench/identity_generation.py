@@ -29,8 +29,8 @@ Per seed (each seed: new identities, base weights, adapter initialisation and da
   paper's λ = 0.1. Inv-Adapter: one reference, DDIM-inverted (`inversion_steps`; the trainer's default and Apply
   Inv-Adapter's way), both EAA branches.
 - generation through the trainer's own path (train/generate.py), DDIM 20 steps with η = 1, the plain caption as the
-  prompt and as the negative prompt, 4 images per held-out person and row, from its first 4 photos (Inv-Adapter: its
-  first photo).
+  prompt and as the negative prompt, `generations` images per held-out person and row, from its first 4 photos
+  (Inv-Adapter: its first photo).
 
 Rows. chance (0.31); the reference photos and their VAE round trip (what the read-out reads from the data, and what
 the VAE keeps); the base alone with the plain caption (the floor) and told the attributes in its caption (the
