@@ -1,7 +1,7 @@
 """Identity in generated images, in miniature: do IDAdapter and Inv-Adapter make a tiny base model draw the referenced
-person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch takes about 27-29
-core-minutes, 20 minutes on 2 cores with `--jobs 2` (the base about 6.5, the recognizer and CLIP model about 1.5; all
-cached for later runs; 2026-12-07, README).
+person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch takes about 43
+core-minutes, about 29 minutes on 2 cores with `--jobs 2` (estimated; the base about 10, the recognizer and CLIP model
+about 1.5; all cached for later runs; 2026-12-07, README).
 
 World. A "person" is a 16 px face in a 32 px photo made of four large attributes: skin colour, hair colour, eye
 colour (4 values each) and hair length (2): 128 people; their photos vary in background grey and tint, brightness and
@@ -131,7 +131,8 @@ class Settings(AdapterTraining):
     2400, 0.85 ± 0.11 and 0.99 ± 0.02 (86 % and 94 %: 2/3 and 3/3); then with a trained CLIP vision model
     (`world.ClipSettings`), IDAdapter 0.97 ± 0.06 (86 %: 1/3); and with the face-ID loss, 0.95 ± 0.04 (83 %: 0/3).
     On the 2026-12-07 rerun's bases, 96 people: at 2400, IDAdapter 100 / 77 / 92 % well formed and Inv-Adapter 98 /
-    88 / 98 %; at 3600, 100 / 97 / 99 % and 98 / 95 / 100 %. Earlier settings: README."""
+    88 / 98 %; at 3600, 100 / 97 / 99 % and 98 / 95 / 100 %. As the default, on bases trained 3600 steps: 100 % and
+    99 %, the whole bar on 3/3 seeds each (README). Earlier settings: docs/identity_miniature_history.md."""
     batch_size: int = 16
     lr_schedule: str = "cosine"
     """Chosen on Inv-Adapter, seed 1 of the 2026-12-06 bases, 1200 steps: its guided images were 84 % well formed with

@@ -259,8 +259,9 @@ class BaseSettings:
     autoencoder_lr: float = 5e-3
     unet_steps: int = 3600
     """At 2400, seed 0's base, retrained on a second machine (2026-12-07), drew eye colours at 0.39 when told them
-    (ceiling 0.848, under the bar's 0.85; the first machine's 0.99): floats round differently across CPUs and
-    training amplifies it. 3600 leaves the base less on the edge."""
+    (ceiling 0.848, under the bar's 0.85; on the first machine the three bases drew them at 0.99 on average): floats
+    round differently across CPUs and training amplifies it. At 3600 the three ceilings read 1.000 / 1.000 / 0.996
+    on the second machine."""
     batch_size: int = 32
     lr: float = 2e-3
     train_text_encoder: bool = True
