@@ -1,7 +1,7 @@
 """Identity in generated images, in miniature: do IDAdapter and Inv-Adapter make a tiny base model draw the referenced
-person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch takes about 43
-core-minutes, about 29 minutes on 2 cores with `--jobs 2` (estimated; the base about 10, the recognizer and CLIP model
-about 1.5; all cached for later runs; 2026-12-07, README).
+person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch takes about 41
+core-minutes, 32 minutes on 2 cores with `--jobs 2` (the base about 10, the recognizer and CLIP model about 1.5; all
+cached for later runs; 2026-12-07, README).
 
 World. A "person" is a 16 px face in a 32 px photo made of four large attributes: skin colour, hair colour, eye
 colour (4 values each) and hair length (2): 128 people; their photos vary in background grey and tint, brightness and
