@@ -192,3 +192,24 @@ def test_each_method_in_its_own_run_merges_into_one_seed(tmp_path, capsys):
     idadapter.write_text(json.dumps(longer))
     with pytest.raises(SystemExit, match="other settings"):
         generation.load_results([inv, idadapter])
+
+
+def test_each_method_trains_its_own_step_count(tmp_path, monkeypatch):
+    """IDAdapter trains `idadapter_steps`, Inv-Adapter `steps`, each with its rate's schedule over its own count; a run
+    written before the two counts were apart reads as IDAdapter trained `steps`."""
+    trained = []
+    run = generation.TrainingSession.run
+
+    def counting(session, steps, desc="train"):
+        trained.append((desc, steps, session.config.max_steps))
+        return run(session, steps, desc)
+
+    monkeypatch.setattr(generation.TrainingSession, "run", counting)
+    results = tmp_path / "seed.json"
+    assert generation.main(["--quick", "--seeds", "1", "--workdir", str(tmp_path), "--inv-variants", "--steps", "2",
+                            "--idadapter-steps", "3", "--json", str(results)]) == 0
+    assert trained == [("seed 0: IDAdapter", 3, 3), ("seed 0: Inv-Adapter", 2, 2)]
+    summary = json.loads(results.read_text())
+    assert generation.settings_from_json(summary["settings"]).idadapter_steps == 3
+    del summary["settings"]["idadapter_steps"]
+    assert generation.settings_from_json(summary["settings"]).idadapter_steps == 2
