@@ -1,7 +1,8 @@
 """Identity in generated images, in miniature: do IDAdapter and Inv-Adapter make a tiny base model draw the referenced
-person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch takes about 41
-core-minutes, 32 minutes on 2 cores with `--jobs 2` (the base about 10, the recognizer and CLIP model about 1.5; all
-cached for later runs; 2026-12-07, README).
+person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch takes about 38
+minutes on 2 cores with `--jobs 2`, 26 with the base, recognizer and CLIP model cached (the base about 10 minutes,
+the recognizer and CLIP model about 1.5; IDAdapter's 4800 steps and rows about 26, Inv-Adapter's beside them about
+10; 2026-12-07, README).
 
 World. A "person" is a 16 px face in a 32 px photo made of four large attributes: skin colour, hair colour, eye
 colour (4 values each) and hair length (2): 128 people; their photos vary in background grey and tint, brightness and
@@ -26,8 +27,8 @@ Per seed (each seed: new identities, base weights, adapter initialisation and da
 - the adapters: `train_identities` people train them (the trainer's step, `train.fit.TrainingSession`; plain
   caption), `held_out_identities` other people are never seen by them: NEW COMBINATIONS of attribute
   values the training people have. IDAdapter: N = 4 references, identity dropout 0.1, the face-ID loss at the
-  paper's λ = 0.1. Inv-Adapter: one reference, DDIM-inverted (`inversion_steps`; the trainer's default and Apply
-  Inv-Adapter's way), both EAA branches.
+  paper's λ = 0.1, `idadapter_steps`. Inv-Adapter: `steps`, one reference, DDIM-inverted (`inversion_steps`; the
+  trainer's default and Apply Inv-Adapter's way), both EAA branches.
 - generation through the trainer's own path (train/generate.py), DDIM 20 steps with η = 1, the plain caption as the
   prompt and as the negative prompt, `generations` images per held-out person and row, from its first 4 photos
   (Inv-Adapter: its first photo).
