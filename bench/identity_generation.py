@@ -1,8 +1,8 @@
 """Identity in generated images, in miniature: do IDAdapter and Inv-Adapter make a tiny base model draw the referenced
-person? A world in which identity can be seen (train/miniature.py), on CPU: a seed from scratch takes about 38
-minutes on 2 cores with `--jobs 2`, 26 with the base, recognizer and CLIP model cached (the base about 10 minutes,
-the recognizer and CLIP model about 1.5; IDAdapter's 4800 steps and rows about 26, Inv-Adapter's beside them about
-10; 2026-12-07, README).
+person? A world in which identity can be seen (train/miniature.py), on CPU: from scratch on 2 cores, two seeds at
+once (one process each) take 48 minutes, 24 a seed; a seed alone about 39 with `--jobs 2`, its single-threaded
+critical path (the base about 10 minutes, the recognizer and CLIP model about 2, IDAdapter's 4800 steps and rows
+about 27; Inv-Adapter's 9 run beside them; 2026-12-07, README).
 
 World. A "person" is a 16 px face in a 32 px photo made of four large attributes: skin colour, hair colour, eye
 colour (4 values each) and hair length (2): 128 people; their photos vary in background grey and tint, brightness and
@@ -50,7 +50,8 @@ cfg `guidance` with guidance over the identity; a seed counts only where the rea
 >= 0.99, the VAE round trip >= 0.98, the ceiling >= 0.85, and >= 90 % of the generations are well formed.
 
 Run: `python -m bench.identity_generation [--quick] [--seeds 3] [--first-seed 0] [--json PATH] [--picture PNG]`;
-seeds are independent, so run them as separate processes (`--first-seed k --seeds 1 --json seedk.json`) and print
+seeds are independent, so run them as separate processes, as many at once as there are cores (`--first-seed k
+--seeds 1 --json seedk.json`; they may share --workdir: its models are cached per seed), and print
 the table of all with `--from-json seed0.json seed1.json ...`. `--jobs 2` runs a seed's two methods at once in two
 processes after the parts they share (the same rows as one after the other); a seed's methods may also run as
 separate commands, `--methods idadapter` and `--methods inv-adapter` with one --workdir after the base is cached, and
