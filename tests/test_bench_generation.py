@@ -31,6 +31,18 @@ def test_read_out_is_exact_on_every_rendered_person():
             assert reading.values == person and reading.well_formed
 
 
+def test_photos_written_again_to_a_folder_replace_the_earlier_ones(tmp_path):
+    """A reused workdir's earlier people must not join the data set: `prepare` reads every person's folder there (a
+    run with 120 training people once left 24 behind, and a later run with 96 trained on 120)."""
+    people = world.all_identities()
+    world.write_photos(people[:3], 3, tmp_path / "photos", np.random.default_rng(0))
+    written = world.write_photos(people[1:3], 2, tmp_path / "photos", np.random.default_rng(1))
+    on_disk = sorted(path for path in (tmp_path / "photos").rglob("*") if path.is_file())
+    assert on_disk == sorted(path for paths in written.values() for path in paths)
+    assert sorted(folder.name for folder in (tmp_path / "photos").iterdir()) == sorted(
+        world.identity_name(person) for person in people[1:3])
+
+
 def test_read_out_sees_a_changed_attribute_and_a_malformed_image():
     variation = world.PhotoVariation((120.0, 120.0, 120.0), 1.0, (0, 0))
     person = (0, 1, 2, 1)

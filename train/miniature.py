@@ -155,7 +155,9 @@ def render_photo(identity: Identity, variation: PhotoVariation) -> np.ndarray:
 def write_photos(identities: list[Identity], per_identity: int, folder: Path, rng: np.random.Generator,
                  captions: bool = False) -> dict[Identity, list[Path]]:
     """folder/<identity name>/<i>.png, as `prepare` reads a data set (with `captions`, a same-name .txt naming the
-    attributes)."""
+    attributes). The folder is emptied first: `prepare` reads every person's folder in it, so a reused workdir's
+    people from an earlier call (another `train_identities`) would join the data set unseen."""
+    shutil.rmtree(folder, ignore_errors=True)
     written = {}
     for identity in identities:
         (folder / identity_name(identity)).mkdir(parents=True, exist_ok=True)
