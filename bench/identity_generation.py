@@ -141,8 +141,8 @@ class Settings(AdapterTraining):
     face-ID loss 0.95 ± 0.04 (83 %: 0/3). On the 2026-12-07 rerun's bases, 96 people: seeds 0-2 100 / 77 / 92 % well
     formed at 2400, 100 / 97 / 99 % at 3600. On bases trained 3600 steps, at 3600: seeds 0-2 100 %, seeds 3 and 4
     90 % and 88 % (one person each, under the 90 % line); at 4800, seeds 0-4 100 / 99 / 100 / 98 / 88 %: seed 4
-    under the line, no better than at 3600 (README). Training on all 120 people instead of 96, at 3600, was no cure:
-    seed 3 100 %, seed 4 76 %. Each step costs about 0.3 s on one core."""
+    under the line, no better than at 3600 (README). Training on all 120 people instead of 96 was no steady cure:
+    seeds 3 and 4 100 % and 76 % at 3600, 98 % and 100 % at 4800. Each step costs about 0.3 s on one core."""
     batch_size: int = 16
     lr_schedule: str = "cosine"
     """Chosen on Inv-Adapter, seed 1 of the 2026-12-06 bases, 1200 steps: its guided images were 84 % well formed with
